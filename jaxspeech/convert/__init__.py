@@ -1,0 +1,45 @@
+"""Loading what users have: each family's converters plus jaxspeech's own orbax folders."""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+from jaxspeech.convert import orbax_io
+from jaxspeech.convert.common import CheckpointError
+from jaxspeech.model import Model
+
+__all__ = ["load", "converters", "register_converter", "CheckpointError"]
+
+_CONVERTERS: dict[str, ModuleType] = {}
+
+
+def register_converter(family: str, module: ModuleType) -> None:
+    """A converter module has ``detect(path) -> bool``, ``load(path) -> Model`` and
+    ``reference(path) -> (features_fn, model_fn)`` (the PyTorch reference)."""
+    _CONVERTERS[family] = module
+
+
+def converters() -> dict[str, ModuleType]:
+    return dict(_CONVERTERS)
+
+
+def converter_for(path: str) -> tuple[str, ModuleType]:
+    for family, module in _CONVERTERS.items():
+        if module.detect(path):
+            return family, module
+    raise CheckpointError(
+        f"{path}: not a checkpoint jaxspeech recognises. Expected one of: a jaxspeech folder "
+        f"(jaxspeech.json + params/), an HF Whisper or CLAP folder (config.json + "
+        f"model.safetensors / pytorch_model.bin), OpenAI's Whisper .pt, or a SpeechBrain "
+        f"folder (hyperparams.yaml + embedding_model.ckpt)")
+
+
+def load(path: str | os.PathLike) -> Model:
+    """Load any supported checkpoint; the kind is detected from the files."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such checkpoint: {path}")
+    if orbax_io.detect(path):
+        return orbax_io.load(path)
+    return converter_for(path)[1].load(path)

@@ -1,0 +1,77 @@
+"""jaxspeech's own checkpoint folder: ``jaxspeech.json`` (family + config) and
+``params/`` (orbax-checkpoint). Written to a temporary sibling folder and renamed
+into place, so an interrupted save never leaves a half-written checkpoint and an
+existing one is never overwritten unless asked."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxspeech.convert.common import CheckpointError, flatten
+from jaxspeech.model import Model, config_from_dict, config_to_dict, param_shapes
+
+META = "jaxspeech.json"
+FORMAT_VERSION = 1
+
+
+def detect(path: str) -> bool:
+    return (Path(path) / META).is_file()
+
+
+def save(model: Model, path: str | os.PathLike, *, overwrite: bool = False) -> str:
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        params = jax.tree.map(np.asarray, model.params)
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(tmp / "params", params)
+        meta = {"format_version": FORMAT_VERSION, "config": config_to_dict(model.config),
+                "source": model.source, "extras": {k: v for k, v in model.extras.items()
+                                                   if isinstance(v, (str, int, float, bool))}}
+        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(path)
+
+
+def load(path: str | os.PathLike) -> Model:
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    meta = json.loads((path / META).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: jaxspeech checkpoint format {meta.get('format_version')}, "
+                              f"this jaxspeech reads {FORMAT_VERSION}")
+    config = config_from_dict(meta["config"])
+    expected = param_shapes(config)
+    with ocp.StandardCheckpointer() as ckpt:
+        stored = ckpt.metadata(path / "params")
+        stored_tree = getattr(stored, "item_metadata", stored)
+        stored_tree = getattr(stored_tree, "tree", stored_tree)
+        want = {".".join(k): tuple(v.shape) for k, v in flatten(expected).items()}
+        have = {".".join(k): tuple(v.shape) for k, v in flatten(stored_tree).items()}
+        problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
+        problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))]
+        problems += [f"mis-shaped {k}: stored {have[k]}, config expects {want[k]}"
+                     for k in sorted(set(want) & set(have)) if want[k] != have[k]]
+        if problems:
+            raise CheckpointError(f"{path} does not match its config:\n  " + "\n  ".join(problems))
+        params = ckpt.restore(path / "params", expected)
+    return Model(config, params, source=meta.get("source") or str(path),
+                 extras=meta.get("extras", {}))

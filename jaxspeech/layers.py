@@ -1,0 +1,162 @@
+"""The Linen layers all three models are built from, each routed through :mod:`jaxspeech.lrp`.
+
+Parameters keep PyTorch's meaning with Flax's layout: ``Dense.kernel`` is
+``[in, out]``, ``Conv.kernel`` is ``[*window, in, out]``, norms have ``scale``
+and ``bias``, and :class:`BatchNorm` keeps its running ``mean`` and ``var`` in
+the same params tree (inference only; nothing is ever updated).
+
+Every layer has a ``rules`` field (``None`` for plain gradients) and resolves
+per-layer overrides by its own path, so a model never holds rule logic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxspeech import lrp
+
+Rules = lrp.RuleSet | None
+_PREC = jax.lax.Precision.HIGHEST
+
+
+def layer_path(module: nn.Module) -> str:
+    """``('layers.0', 'fc1')`` -> ``'layers.0.fc1'``."""
+    return ".".join(str(p) for p in module.path)
+
+
+def rules_at(module: nn.Module, rules: Rules) -> Rules:
+    """The rule set in force for ``module`` (per-layer overrides resolved)."""
+    return None if rules is None else rules.at(layer_path(module))
+
+
+def per_channel(v: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray:
+    """A ``[C]`` vector shaped to broadcast over ``like [..., C]`` (explicit ranks: the
+    tests run with rank promotion set to raise)."""
+    return v.reshape((1,) * (like.ndim - 1) + (-1,))
+
+
+def _dense(x, w, b):
+    y = jnp.einsum("...i,io->...o", x, w, precision=_PREC)
+    return y if b is None else y + per_channel(b, y)
+
+
+class Dense(nn.Module):
+    """``x [..., in] -> [..., features]``, under the linear rule."""
+
+    features: int
+    use_bias: bool = True
+    rules: Rules = None
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        w = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        b = self.param("bias", nn.initializers.normal(0.02), (self.features,)) \
+            if self.use_bias else None
+        return lrp.linear(_dense, x, w, b, rules_at(self, self.rules))
+
+
+class Conv(nn.Module):
+    """N-d convolution over ``x [B, *spatial, in]``, channels last, PyTorch semantics.
+
+    ``padding`` is per spatial dim ``(lo, hi)`` pairs or ``"SAME"``-style strings;
+    ``padding_mode`` ``"zeros"`` or ``"reflect"`` (SpeechBrain's 'same' padding).
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: Sequence[int] | None = None
+    padding: Sequence[tuple[int, int]] | str = "VALID"
+    dilation: Sequence[int] | None = None
+    padding_mode: str = "zeros"
+    use_bias: bool = True
+    groups: int = 1
+    rules: Rules = None
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        k = tuple(self.kernel_size)
+        nd = len(k)
+        w = self.param("kernel", nn.initializers.lecun_normal(),
+                       k + (x.shape[-1] // self.groups, self.features))
+        b = self.param("bias", nn.initializers.normal(0.02), (self.features,)) \
+            if self.use_bias else None
+        padding = self.padding
+        if self.padding_mode == "reflect" and not isinstance(padding, str):
+            x = jnp.pad(x, [(0, 0)] + [tuple(p) for p in padding] + [(0, 0)], mode="reflect")
+            padding = [(0, 0)] * nd
+        elif self.padding_mode != "zeros":
+            raise ValueError(f"padding_mode {self.padding_mode!r}: expected 'zeros' or 'reflect'")
+        strides = tuple(self.strides or (1,) * nd)
+        dilation = tuple(self.dilation or (1,) * nd)
+        spatial = "".join("DHW"[-nd:]) if nd <= 3 else None
+        dn = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+        groups = self.groups
+
+        def conv(x_, w_, b_):
+            y = jax.lax.conv_general_dilated(
+                x_, w_, strides, padding, rhs_dilation=dilation, dimension_numbers=dn,
+                feature_group_count=groups, precision=_PREC)
+            return y if b_ is None else y + per_channel(b_, y)
+
+        return lrp.linear(conv, x, w, b, rules_at(self, self.rules))
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis; under LRP its σ is a constant (identity rule)."""
+
+    epsilon: float = 1e-5
+    use_scale: bool = True
+    rules: Rules = None
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        d = x.shape[-1]
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        centred = x - mean
+        var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+        std = lrp.norm_std(jnp.sqrt(var + self.epsilon), rules_at(self, self.rules))
+        y = centred / std
+        if self.use_scale:
+            y = y * per_channel(self.param("scale", nn.initializers.ones, (d,)), y)
+        return y + per_channel(self.param("bias", nn.initializers.zeros, (d,)), y)
+
+
+class BatchNorm(nn.Module):
+    """Inference-mode BatchNorm over the last (channel) axis from stored statistics.
+
+    An affine map per channel: ``(x - mean) * scale / sqrt(var + eps) + bias``.
+    """
+
+    epsilon: float = 1e-5
+    rules: Rules = None
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        mean = self.param("mean", nn.initializers.zeros, (c,))
+        var = self.param("var", nn.initializers.ones, (c,))
+        scale = scale / jnp.sqrt(var + self.epsilon)
+        return (x - per_channel(mean, x)) * per_channel(scale, x) + per_channel(bias, x)
+
+
+def gelu(x: jnp.ndarray, rules: Rules = None) -> jnp.ndarray:
+    """Exact (erf) GELU, as PyTorch's ``nn.GELU()``."""
+    return lrp.activation(lambda t: jax.nn.gelu(t, approximate=False), x, rules)
+
+
+def relu(x: jnp.ndarray, rules: Rules = None) -> jnp.ndarray:
+    return lrp.activation(jax.nn.relu, x, rules)
+
+
+def tanh(x: jnp.ndarray, rules: Rules = None) -> jnp.ndarray:
+    return lrp.activation(jnp.tanh, x, rules)
+
+
+def sigmoid(x: jnp.ndarray, rules: Rules = None) -> jnp.ndarray:
+    return lrp.activation(jax.nn.sigmoid, x, rules)

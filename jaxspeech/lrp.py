@@ -1,0 +1,324 @@
+"""Rule-aware ops: the only place where relevance-propagation rules live.
+
+Every attribution method is a backward pass over the *same* forward. The models
+call the ops below for every operation that LRP treats specially; with
+``rules=None`` (or a rule set whose fields are all ``"gradient"``) each op is the
+plain JAX op, and with a :class:`RuleSet` its backward pass is replaced by a
+``jax.custom_vjp`` or ``stop_gradient``. Relevance is then ``input * grad``.
+No rule ever changes a forward value: every forward below is computed by the
+same expression with and without rules, so outputs are bitwise equal.
+
+The flowing cotangent ``g`` at a tensor ``z`` is relevance divided by ``z``
+(``R_z = z * g``), the convention of LXT's efficient implementation.
+
+| op | rule name | backward |
+|---|---|---|
+| :func:`linear` (dense, conv) | ``epsilon`` | ``g_in = Wᵀ (g · z / (z + ε·sign z))`` |
+| | ``gamma`` / ``zplus`` | zennit's Gamma / ZPlus (positive and negative parts) |
+| :func:`activation` | ``identity`` | ``g_in = g · f(x) / x`` (LXT ``identity_rule_implicit``) |
+| :func:`norm_std` | ``identity`` | std treated as a constant (``stop_gradient``) |
+| :func:`bilinear` | ``uniform`` | each operand's gradient halved (LXT ``divide_gradient``) |
+| :func:`attention_weights` | ``cp`` | probabilities treated as constants (CP-LRP) |
+| :func:`gate` | ``constant`` | the gate is a constant scale |
+| :func:`softmax` | — | its ordinary gradient is the AttnLRP softmax rule |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "RuleSet", "RULE_SETS", "get_rules", "linear", "activation", "norm_std", "bilinear",
+    "softmax", "attention_weights", "gate", "divide_gradient", "identity_rule",
+]
+
+_CHOICES = {
+    "linear": ("gradient", "epsilon", "gamma", "zplus"),
+    "activation": ("gradient", "identity"),
+    "norm": ("gradient", "identity"),
+    "bilinear": ("gradient", "uniform"),
+    "attention": ("gradient", "cp"),
+    "gate": ("gradient", "constant"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleSet:
+    """How each kind of op propagates relevance. Frozen and hashable: a static jit argument.
+
+    ``overrides`` maps regular expressions over layer paths (``"layers.0.fc1"``,
+    searched with ``re.search``) to rule sets; the first match wins, so
+    ``RULE_SETS["attnlrp"].override(r"conv", linear="gamma")`` puts γ on the
+    convolutions only.
+    """
+
+    name: str = "gradient"
+    linear: str = "gradient"
+    activation: str = "gradient"
+    norm: str = "gradient"
+    bilinear: str = "gradient"
+    attention: str = "gradient"
+    gate: str = "gradient"
+    epsilon: float = 1e-6
+    gamma: float = 0.25
+    overrides: tuple[tuple[str, RuleSet], ...] = ()
+
+    def __post_init__(self):
+        for field, allowed in _CHOICES.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"rule {field}={getattr(self, field)!r} is not one of {allowed}")
+
+    def at(self, path: str) -> RuleSet:
+        """The rule set in force for the layer at ``path``."""
+        for pattern, rules in self.overrides:
+            if re.search(pattern, path):
+                return rules
+        return self
+
+    def override(self, pattern: str, **changes) -> RuleSet:
+        """A copy whose layers matching ``pattern`` use this rule set with ``changes``."""
+        base = dataclasses.replace(self, overrides=())
+        new = dataclasses.replace(base, name=f"{self.name}+{pattern}", **changes)
+        return dataclasses.replace(self, overrides=self.overrides + ((pattern, new),))
+
+    def with_params(self, *, epsilon: float | None = None, gamma: float | None = None) -> RuleSet:
+        """Same rules with another ε / γ (overrides included)."""
+        changes = {k: v for k, v in (("epsilon", epsilon), ("gamma", gamma)) if v is not None}
+        return dataclasses.replace(
+            self, **changes,
+            overrides=tuple((p, r.with_params(epsilon=epsilon, gamma=gamma))
+                            for p, r in self.overrides))
+
+    @property
+    def is_gradient(self) -> bool:
+        return all(getattr(self, f) == "gradient" for f in _CHOICES) and not self.overrides
+
+
+_ATTN = dict(activation="identity", norm="identity", bilinear="uniform", gate="constant")
+
+RULE_SETS: dict[str, RuleSet] = {
+    # Achtibat et al. 2024: identity on activations and norms, uniform bilinear
+    # split, ε on linear layers (which in x·grad form is the plain gradient plus
+    # the ε-stabilised bias absorption).
+    "attnlrp": RuleSet("attnlrp", linear="epsilon", **_ATTN),
+    # Ali et al. 2022: attention probabilities are constants; relevance flows through v.
+    "cp_lrp": RuleSet("cp_lrp", linear="epsilon", activation="identity", norm="identity",
+                      attention="cp", gate="constant"),
+    "epsilon": RuleSet("epsilon", linear="epsilon", **_ATTN),
+    "gamma": RuleSet("gamma", linear="gamma", **_ATTN),
+    "zplus": RuleSet("zplus", linear="zplus", **_ATTN),
+}
+
+
+def get_rules(rules: str | RuleSet | None) -> RuleSet | None:
+    """Name or rule set -> rule set (``None`` stays ``None``: plain gradients)."""
+    if rules is None or isinstance(rules, RuleSet):
+        return rules
+    if rules not in RULE_SETS:
+        raise ValueError(f"unknown rule set {rules!r}; known: {sorted(RULE_SETS)}")
+    return RULE_SETS[rules]
+
+
+def _field(rules: RuleSet | None, name: str) -> str:
+    return "gradient" if rules is None else getattr(rules, name)
+
+
+def _stabilize(x: jnp.ndarray, eps: float) -> jnp.ndarray:
+    """x + ε·sign(x), with sign(0) = +1 (LXT and zennit's stabiliser)."""
+    return x + eps * jnp.where(x >= 0, 1.0, -1.0).astype(x.dtype)
+
+
+# --- gradient modifiers ---------------------------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def divide_gradient(x: jnp.ndarray, factor: float) -> jnp.ndarray:
+    """Identity forward; gradient divided by ``factor`` (LXT ``divide_gradient``)."""
+    return x
+
+
+def _divide_fwd(x, factor):
+    return x, None
+
+
+def _divide_bwd(factor, _, g):
+    return (g / factor,)
+
+
+divide_gradient.defvjp(_divide_fwd, _divide_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 2))
+def identity_rule(fn: Callable, x: jnp.ndarray, eps: float = 1e-10) -> jnp.ndarray:
+    """``fn(x)`` forward; backward ``g · fn(x) / (x + ε·sign x)`` (LXT ``identity_rule_implicit``)."""
+    return fn(x)
+
+
+def _identity_fwd(fn, x, eps):
+    y = fn(x)
+    return y, y / _stabilize(x, eps)
+
+
+def _identity_bwd(fn, eps, ratio, g):
+    return (g * ratio,)
+
+
+identity_rule.defvjp(_identity_fwd, _identity_bwd)
+
+
+# --- the ops the models call ----------------------------------------------------------
+
+def activation(fn: Callable[[jnp.ndarray], jnp.ndarray], x: jnp.ndarray,
+               rules: RuleSet | None = None) -> jnp.ndarray:
+    """An element-wise non-linearity (GELU, ReLU, tanh, ...)."""
+    if _field(rules, "activation") == "identity":
+        return identity_rule(fn, x)
+    return fn(x)
+
+
+def norm_std(std: jnp.ndarray, rules: RuleSet | None = None) -> jnp.ndarray:
+    """A normalising scale (LayerNorm's σ, a pooling std) as the norm rule sees it."""
+    return jax.lax.stop_gradient(std) if _field(rules, "norm") == "identity" else std
+
+
+def sqrt(x: jnp.ndarray, rules: RuleSet | None = None) -> jnp.ndarray:
+    """``sqrt`` inside a statistic (std pooling): identity rule under LRP."""
+    return activation(jnp.sqrt, x, rules)
+
+
+def bilinear(equation: str, a: jnp.ndarray, b: jnp.ndarray,
+             rules: RuleSet | None = None) -> jnp.ndarray:
+    """A product of two activations (q·kᵀ, attention·v) as an einsum."""
+    if _field(rules, "bilinear") == "uniform":
+        a, b = divide_gradient(a, 2.0), divide_gradient(b, 2.0)
+    return jnp.einsum(equation, a, b, precision="highest")
+
+
+def softmax(x: jnp.ndarray, axis: int = -1, where: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Softmax; entries where ``where`` is False get probability 0 (and no relevance)."""
+    if where is None:
+        return jax.nn.softmax(x, axis=axis)
+    x = jnp.where(where, x, -jnp.inf)
+    return jax.nn.softmax(x, axis=axis)
+
+
+def attention_weights(scores: jnp.ndarray, rules: RuleSet | None = None,
+                      where: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Softmax over the last axis of attention scores; CP-LRP makes it a constant."""
+    probs = softmax(scores, axis=-1, where=where)
+    if _field(rules, "attention") == "cp":
+        probs = jax.lax.stop_gradient(probs)
+    return probs
+
+
+def gate(x: jnp.ndarray, g: jnp.ndarray, rules: RuleSet | None = None) -> jnp.ndarray:
+    """``x * g`` for a gate ``g`` (squeeze-excitation, GLU); the gate is a constant under LRP."""
+    if _field(rules, "gate") == "constant":
+        g = jax.lax.stop_gradient(g)
+    return x * g
+
+
+# --- linear layers --------------------------------------------------------------------
+
+LinearFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray | None], jnp.ndarray]
+
+
+def linear(fn: LinearFn, x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray | None = None,
+           rules: RuleSet | None = None) -> jnp.ndarray:
+    """An affine map ``fn(x, w, b)`` (dense or convolution) under the linear rule.
+
+    Rules define the relevance of the *input*; the cotangents of ``w`` and ``b``
+    under ε/γ/z+ are zero (attribution never trains).
+    """
+    kind = _field(rules, "linear")
+    if kind == "gradient":
+        return fn(x, w, b)
+    if kind == "epsilon":
+        return _epsilon_linear(fn, rules.epsilon, x, w, b)
+    gamma = rules.gamma if kind == "gamma" else None
+    return _gamma_linear(fn, gamma, rules.epsilon, x, w, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _epsilon_linear(fn, eps, x, w, b):
+    return fn(x, w, b)
+
+
+def _epsilon_fwd(fn, eps, x, w, b):
+    z = fn(x, w, b)
+    return z, (x, w, b, z)
+
+
+def _epsilon_bwd(fn, eps, res, g):
+    x, w, b, z = res
+    _, vjp = jax.vjp(lambda x_: fn(x_, w, b), x)
+    (gx,) = vjp(g * z / _stabilize(z, eps))
+    return gx, jnp.zeros_like(w), None if b is None else jnp.zeros_like(b)
+
+
+_epsilon_linear.defvjp(_epsilon_fwd, _epsilon_bwd)
+
+
+def _pos(t):
+    return jnp.maximum(t, 0)
+
+
+def _neg(t):
+    return jnp.minimum(t, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _gamma_linear(fn, gamma, eps, x, w, b):
+    return fn(x, w, b)
+
+
+def _gamma_fwd(fn, gamma, eps, x, w, b):
+    return fn(x, w, b), (x, w, b)
+
+
+def _gamma_bwd(fn, gamma, eps, res, g):
+    """zennit's Gamma (``gamma``) or ZPlus (``gamma=None``).
+
+    Gamma: outputs with z > 0 are explained by the contributions that push them up
+    (x⁺ with W + γW⁺ and x⁻ with W + γW⁻), outputs with z < 0 by those that push
+    them down; ZPlus keeps only the positive contributions x⁺W⁺ + x⁻W⁻.
+    """
+    x, w, b = res
+    zeros_b = None if b is None else jnp.zeros_like(b)
+
+    def part(x_part, w_part, b_part):
+        out, vjp = jax.vjp(lambda x_: fn(x_, w_part, b_part), x_part)
+        return out, lambda cot: vjp(cot)[0]
+
+    xp, xn = _pos(x), _neg(x)
+    z = fn(x, w, b)
+    r_out = z * g
+    if gamma is None:
+        z1, v1 = part(xp, _pos(w), None if b is None else _pos(b))
+        z2, v2 = part(xn, _neg(w), zeros_b)
+        s = r_out / _stabilize(z1 + z2, eps)
+        return _safe_div(xp * v1(s) + xn * v2(s), x), jnp.zeros_like(w), zeros_b
+    wp, wn = w + gamma * _pos(w), w + gamma * _neg(w)
+    bp = None if b is None else b + gamma * _pos(b)
+    bn = None if b is None else b + gamma * _neg(b)
+    z_up1, v_up1 = part(xp, wp, bp)
+    z_up2, v_up2 = part(xn, wn, zeros_b)
+    z_dn1, v_dn1 = part(xp, wn, bn)
+    z_dn2, v_dn2 = part(xn, wp, zeros_b)
+    s_up = jnp.where(z > 0, r_out / _stabilize(z_up1 + z_up2, eps), 0)
+    s_dn = jnp.where(z < 0, r_out / _stabilize(z_dn1 + z_dn2, eps), 0)
+    rel = xp * (v_up1(s_up) + v_dn1(s_dn)) + xn * (v_up2(s_up) + v_dn2(s_dn))
+    return _safe_div(rel, x), jnp.zeros_like(w), zeros_b
+
+
+def _safe_div(rel, x):
+    """Relevance -> cotangent (rel / x), 0 where x = 0 (then rel = 0 too)."""
+    return jnp.where(x == 0, 0.0, rel / jnp.where(x == 0, 1.0, x))
+
+
+_gamma_linear.defvjp(_gamma_fwd, _gamma_bwd)

@@ -1,0 +1,254 @@
+"""A loaded model: config + params + the family's pure functions, jitted.
+
+A *family* (whisper, ecapa, clap) is registered once by its model file with
+:func:`register_family`; it says how to build the Linen module for a config,
+how to turn waveforms into the module's input (the front end), and what an
+example input looks like. :class:`Model` binds a config and params to it.
+
+    m = jaxspeech.init("whisper-tiny")
+    x = m.features(wave)            # [B, n_mels, 3000], differentiable in wave
+    y = m.apply(m.params, x)        # [B, 1500, d_model], pure and jitted
+    y, inter = m.forward(m.params, x)  # plus every layer's hidden state / attention
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspeech import audio, lrp
+
+__all__ = ["Family", "Model", "register_family", "families", "family_of", "init", "presets"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What jaxspeech needs to know about one model family.
+
+    ``module(config, rules, remat)``: the Linen module; its ``__call__`` takes the
+    features and the keyword inputs that ``prepare`` returns.
+    ``prepare(config, wave [B, samples] float32, lengths, **options)``: the front end;
+    returns ``(features, apply_kwargs)`` (e.g. ``{"lengths": ...}`` for ECAPA).
+    ``example_features(config, batch)``: a ``ShapeDtypeStruct`` of the features
+    (with the matching example kwargs) for init and ``eval_shape``.
+    ``max_samples(config)``: the longest waveform accepted (``None``: any, the front
+    end trims or chunks and says so in its docs).
+    """
+
+    name: str
+    config_type: type
+    presets: Mapping[str, Any]
+    module: Callable[..., nn.Module]
+    prepare: Callable[..., tuple[jnp.ndarray, dict]]
+    example_features: Callable[[Any, int], tuple[jax.ShapeDtypeStruct, dict]]
+    sample_rate: Callable[[Any], int]
+    max_samples: Callable[[Any], int | None] = lambda config: None
+    output_name: str = "output"
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    _FAMILIES[family.name] = family
+    return family
+
+
+def families() -> dict[str, Family]:
+    """All registered families (importing :mod:`jaxspeech` registers the built-in three)."""
+    return dict(_FAMILIES)
+
+
+def family_of(config: Any) -> Family:
+    for fam in _FAMILIES.values():
+        if isinstance(config, fam.config_type):
+            return fam
+    raise TypeError(f"no model family for config of type {type(config).__name__}")
+
+
+def presets() -> dict[str, Any]:
+    """Every named preset of every family: ``{"whisper-tiny": WhisperConfig(...), ...}``."""
+    return {name: cfg for fam in _FAMILIES.values() for name, cfg in fam.presets.items()}
+
+
+# --- jitted entry points (config and rules are static, params/features traced) ---------
+
+def _module(config, rules, remat) -> nn.Module:
+    return family_of(config).module(config, rules=lrp.get_rules(rules), remat=remat)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "rules", "remat"))
+def _apply(config, params, features, kwargs, rules=None, remat=False):
+    return _module(config, rules, remat).apply({"params": params}, features, **kwargs)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "rules", "remat"))
+def _forward(config, params, features, kwargs, rules=None, remat=False):
+    out, state = _module(config, rules, remat).apply(
+        {"params": params}, features, **kwargs, mutable=["intermediates"])
+    return out, flatten_intermediates(state.get("intermediates", {}))
+
+
+def flatten_intermediates(tree: Mapping) -> dict[str, jnp.ndarray]:
+    """Linen's nested ``sow`` collection -> ``{"layers.0.hidden_state": array, ...}``."""
+    flat = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if isinstance(value, Mapping):
+                walk(value, name)
+            else:  # sow stores a tuple of every value sown under the name
+                flat[name] = value[0] if len(value) == 1 else jnp.stack(value)
+
+    walk(tree, "")
+    return flat
+
+
+def init_params(config, seed: int = 0) -> dict:
+    """Random params for ``config`` (the families' initialisers), as a plain nested dict."""
+    spec, kwargs = family_of(config).example_features(config, 1)
+    x = jnp.zeros(spec.shape, spec.dtype)
+    module = _module(config, None, False)
+    variables = jax.jit(module.init)(jax.random.key(seed), x, **kwargs)
+    return _to_plain(variables["params"])
+
+
+def param_shapes(config) -> dict:
+    """``ShapeDtypeStruct`` tree of the params, without allocating them (``jax.eval_shape``)."""
+    spec, kwargs = family_of(config).example_features(config, 1)
+    module = _module(config, None, False)
+    return jax.eval_shape(lambda k, x: module.init(k, x, **kwargs), jax.random.key(0), spec)[
+        "params"]
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
+
+
+def _to_plain(tree):
+    if isinstance(tree, Mapping):
+        return {k: _to_plain(v) for k, v in tree.items()}
+    return tree
+
+
+class Model:
+    """A config, its params and its family's front end and forward, all pure.
+
+    ``m.apply(params, features, **kw)`` and ``m.forward(...)`` are jitted with the
+    config (and rule set) static; pass any params tree of the same structure
+    (a fine-tuned copy, a randomised one) — the model object holds no state.
+    """
+
+    def __init__(self, config, params: dict, *, source: str | None = None,
+                 extras: Mapping[str, Any] | None = None):
+        self.config = config
+        self.params = params
+        self.family = family_of(config)
+        self.source = source
+        self.extras = dict(extras or {})
+
+    # --- properties
+    @property
+    def kind(self) -> str:
+        return self.family.name
+
+    @property
+    def sample_rate(self) -> int:
+        return self.family.sample_rate(self.config)
+
+    @property
+    def n_params(self) -> int:
+        return count_params(self.params)
+
+    def __repr__(self) -> str:
+        return (f"Model({self.kind}, {self.n_params:,} params, {self.sample_rate} Hz, "
+                f"config={self.config})")
+
+    # --- pure functions
+    def module(self, rules: str | lrp.RuleSet | None = None, remat: bool = False) -> nn.Module:
+        """The Linen module (for users composing it into their own Flax code)."""
+        return _module(self.config, lrp.get_rules(rules), remat)
+
+    def apply(self, params, features, *, rules=None, remat: bool = False, **kwargs):
+        """Pure forward: ``features`` (as :meth:`features` returns) -> the model output."""
+        return _apply(self.config, params, features, kwargs, rules=lrp.get_rules(rules),
+                      remat=remat)
+
+    def forward(self, params, features, *, rules=None, remat: bool = False, **kwargs):
+        """``(output, intermediates)``: intermediates maps layer paths to arrays, e.g.
+        ``"layers.3.hidden_state"``, ``"layers.3.self_attn.attention"``."""
+        return _forward(self.config, params, features, kwargs, rules=lrp.get_rules(rules),
+                        remat=remat)
+
+    # --- waveforms in
+    def prepare(self, wave, *, sample_rate: int | None = None, **options):
+        """Validate ``wave`` and run the front end: ``(features, apply_kwargs)``."""
+        batch, lengths = audio.as_batch(
+            wave, expected_rate=self.sample_rate, sample_rate=sample_rate,
+            max_samples=self.family.max_samples(self.config), name=self.kind)
+        if "lengths" in options and options["lengths"] is not None:
+            lengths = options.pop("lengths")
+        else:
+            options.pop("lengths", None)
+        return self.family.prepare(self.config, batch, lengths, **options)
+
+    def features(self, wave, *, sample_rate: int | None = None, **options):
+        """``wave [B, samples]`` (or ``[samples]``, or a list of clips) -> model input."""
+        return self.prepare(wave, sample_rate=sample_rate, **options)[0]
+
+    def __call__(self, wave, *, sample_rate: int | None = None, rules=None, **options):
+        features, kwargs = self.prepare(wave, sample_rate=sample_rate, **options)
+        return self.apply(self.params, features, rules=rules, **kwargs)
+
+    # --- persistence
+    def save(self, path: str | os.PathLike) -> str:
+        """Write params (orbax) and config (JSON) to ``path``; ``jaxspeech.load`` reads it."""
+        from jaxspeech.convert import orbax_io
+
+        return orbax_io.save(self, path)
+
+
+def init(name: str, seed: int = 0, **overrides) -> Model:
+    """A named preset with random weights: ``init("whisper-base")``; fields may be overridden
+    (``init("whisper-tiny", encoder_layers=2)``)."""
+    table = presets()
+    if name not in table:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(table))}")
+    config = dataclasses.replace(table[name], **overrides) if overrides else table[name]
+    return Model(config, init_params(config, seed), source=f"init:{name}")
+
+
+def config_to_dict(config) -> dict:
+    return {"family": family_of(config).name, **dataclasses.asdict(config)}
+
+
+def config_from_dict(data: Mapping) -> Any:
+    data = dict(data)
+    name = data.pop("family", None)
+    if name not in _FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; known: {sorted(_FAMILIES)}")
+    cls = _FAMILIES[name].config_type
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{name} config has unknown fields {unknown}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def dumps_config(config) -> str:
+    return json.dumps(config_to_dict(config), indent=2, sort_keys=True)
