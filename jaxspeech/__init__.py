@@ -7,12 +7,14 @@
 """
 
 from jaxspeech import audio, lrp
-from jaxspeech.convert import CheckpointError, load, register_converter
-from jaxspeech.convert import whisper as _whisper_convert
-from jaxspeech.model import Model, init, presets
-from jaxspeech.models import whisper as _whisper  # noqa: F401  (registers the family)
+from jaxspeech.convert import CheckpointError, load
 
-register_converter("whisper", _whisper_convert)
+# Each family registers its model and converter on import.
+from jaxspeech.convert import whisper as _convert_whisper  # noqa: F401, E402, I001
+from jaxspeech.model import Model, init, presets
+
+# FAMILY ECAPA: from jaxspeech.convert import ecapa as _convert_ecapa  # noqa: F401, E402
+# FAMILY CLAP: from jaxspeech.convert import clap as _convert_clap  # noqa: F401, E402
 
 __all__ = ["load", "init", "presets", "Model", "CheckpointError", "audio", "lrp"]
 __version__ = "0.1.0"

@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 
+from jaxspeech.convert import register_converter
 from jaxspeech.convert.common import (
     CheckpointError,
     default_torch_key,
@@ -135,9 +137,10 @@ def load(path: str) -> Model:
 # --- the PyTorch reference, for `jaxspeech compare` -------------------------------------
 
 def reference(path: str):
-    """``(features_fn, model_fn)`` of the transformers reference for this checkpoint:
-    ``features_fn(wave [B, samples] np) -> np [B, n_mels, 3000]`` (``WhisperFeatureExtractor``),
-    ``model_fn(features np) -> np [B, 1500, d_model]`` (``WhisperModel.encoder``)."""
+    """The transformers reference for this checkpoint, as ``(features_fn, model_fn)``:
+    ``features_fn(wave [B, samples] np) -> (features np [B, n_mels, 3000], {})``
+    (``WhisperFeatureExtractor``) and ``model_fn(features, **kwargs) -> np [B, 1500, d_model]``
+    (``WhisperModel.encoder``). The kwargs are those ``Model.apply`` takes."""
     import torch
     from transformers import WhisperConfig as HFConfig
     from transformers import WhisperFeatureExtractor, WhisperModel
@@ -170,10 +173,13 @@ def reference(path: str):
 
     def features_fn(wave):
         out = extractor(list(np.asarray(wave)), sampling_rate=16000, return_tensors="np")
-        return out["input_features"]
+        return out["input_features"], {}
 
     def model_fn(features):
         with torch.no_grad():
             return encoder(torch.from_numpy(np.asarray(features))).last_hidden_state.numpy()
 
     return features_fn, model_fn
+
+
+register_converter("whisper", sys.modules[__name__])

@@ -1,4 +1,4 @@
-"""Speech-like test signals, made in the test (nothing downloaded)."""
+"""Speech-like synthetic signals for tests, `jaxspeech compare` and benchmarks (no downloads)."""
 
 import numpy as np
 

@@ -1,0 +1,1 @@
+"""The model families. Importing a family's module registers it (see ``jaxspeech.model``)."""
