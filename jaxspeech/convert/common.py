@@ -88,6 +88,7 @@ class _TorchUnpickler(pickle.Unpickler):
         self.archive, self.prefix, self.cache = archive, prefix, {}
 
     def find_class(self, module, name):
+        module = {"__builtin__": "builtins"}.get(module, module)  # pickle protocol 2 names
         if (module, name) in self._ALLOWED:
             return self._ALLOWED[(module, name)]
         if module == "torch" and name.endswith("Storage"):
@@ -128,7 +129,10 @@ def read_torch_file(path: str | os.PathLike):
             raise CheckpointError(f"{path} is a zip file but not a torch checkpoint (no data.pkl)")
         prefix = pkl[0][: -len("/data.pkl")]
         with archive.open(pkl[0]) as f:
-            return _TorchUnpickler(f, archive, prefix).load()
+            try:
+                return _TorchUnpickler(f, archive, prefix).load()
+            except pickle.UnpicklingError as e:
+                raise CheckpointError(f"{path}: {e}") from None
 
 
 def _tensors_to_numpy(obj):

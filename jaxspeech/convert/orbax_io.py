@@ -30,16 +30,20 @@ def save(model: Model, path: str | os.PathLike, *, overwrite: bool = False) -> s
 
     path = Path(path).absolute()
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        raise FileExistsError(
+            f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         params = jax.tree.map(np.asarray, model.params)
         with ocp.StandardCheckpointer() as ckpt:
             ckpt.save(tmp / "params", params)
+        extras = {k: v for k, v in model.extras.items()
+                  if isinstance(v, (str, int, float, bool)) and k != "converted_from"}
+        # the format recorded is the original one, also when re-saving a converted model
+        extras["format"] = model.extras.get("converted_from") or model.extras.get("format")
         meta = {"format_version": FORMAT_VERSION, "config": config_to_dict(model.config),
-                "source": model.source, "extras": {k: v for k, v in model.extras.items()
-                                                   if isinstance(v, (str, int, float, bool))}}
+                "source": model.source, "extras": extras}
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
         if path.exists():
             shutil.rmtree(path)
@@ -73,5 +77,7 @@ def load(path: str | os.PathLike) -> Model:
         if problems:
             raise CheckpointError(f"{path} does not match its config:\n  " + "\n  ".join(problems))
         params = ckpt.restore(path / "params", expected)
-    return Model(config, params, source=meta.get("source") or str(path),
-                 extras=meta.get("extras", {}))
+    extras = dict(meta.get("extras", {}))
+    extras["converted_from"] = extras.pop("format", None)
+    extras["format"] = "jaxspeech"
+    return Model(config, params, source=meta.get("source") or str(path), extras=extras)

@@ -138,7 +138,7 @@ def load(path: str) -> Model:
 
 def reference(path: str):
     """The transformers reference for this checkpoint, as ``(features_fn, model_fn)``:
-    ``features_fn(wave [B, samples] np) -> (features np [B, n_mels, 3000], {})``
+    ``features_fn(wave [B, samples] np, lengths [B] or None) -> (features np [B, n_mels, 3000], {})``
     (``WhisperFeatureExtractor``) and ``model_fn(features, **kwargs) -> np [B, 1500, d_model]``
     (``WhisperModel.encoder``). The kwargs are those ``Model.apply`` takes."""
     import torch
@@ -171,7 +171,7 @@ def reference(path: str):
     encoder.eval()
     extractor = WhisperFeatureExtractor(feature_size=n_mels)
 
-    def features_fn(wave):
+    def features_fn(wave, lengths=None):  # zero padding is what Whisper does anyway
         out = extractor(list(np.asarray(wave)), sampling_rate=16000, return_tensors="np")
         return out["input_features"], {}
 

@@ -43,9 +43,10 @@ def mel_filters(n_mels: int) -> jnp.ndarray:
 
 def log_mel_spectrogram(wave: jnp.ndarray, n_mels: int = 80) -> jnp.ndarray:
     """``wave [B, samples]`` (16 kHz, any length) -> ``features [B, n_mels, 3000]``."""
-    wave = pad_or_trim(wave.astype(jnp.float32))
+    wave = pad_or_trim(wave)
     power = power_spectrogram(wave, n_fft=N_FFT, hop_length=HOP_LENGTH)[:, :-1, :]
-    mel = jnp.einsum("btf,fm->bmt", power, mel_filters(n_mels), precision="highest")
+    mel = jnp.einsum("btf,fm->bmt", power, mel_filters(n_mels).astype(power.dtype),
+                     precision="highest")
     log_spec = jnp.log10(jnp.maximum(mel, 1e-10))
     peak = jnp.max(log_spec, axis=(1, 2), keepdims=True)
     log_spec = jnp.maximum(log_spec, peak - 8.0)

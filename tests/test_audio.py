@@ -1,0 +1,81 @@
+"""Bad input gets a clear error; documented conversions behave as documented."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import soundfile as sf
+
+import jaxspeech as js
+from jaxspeech.audio import AudioError, as_batch, pcm_to_float, read
+from jaxspeech.data import synth
+
+
+@pytest.fixture(scope="module")
+def whisper():
+    return js.init("whisper-tiny", encoder_layers=1)
+
+
+def test_wrong_sample_rate_says_how_to_resample(whisper):
+    with pytest.raises(AudioError, match=r"expects 16000 Hz audio, got 44100 Hz.*resample"):
+        whisper(np.zeros(44100, np.float32), sample_rate=44100)
+
+
+def test_stereo_is_refused_with_the_fix(whisper):
+    stereo = np.zeros((32000, 2), np.float32)
+    with pytest.raises(AudioError, match="channels-last stereo"):
+        whisper(stereo)
+    with pytest.raises(AudioError, match="multi-channel"):
+        whisper(np.zeros((1, 2, 16000), np.float32))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_samples_name_the_item(whisper, bad):
+    wave = np.zeros((3, 16000), np.float32)
+    wave[2, 100] = bad
+    with pytest.raises(AudioError, match=r"NaN or inf samples \(batch items \[2\]\)"):
+        whisper(wave)
+
+
+def test_empty_audio_is_refused(whisper):
+    with pytest.raises(AudioError, match="empty"):
+        whisper(np.zeros(0, np.float32))
+    with pytest.raises(AudioError, match="empty"):
+        whisper([])
+
+
+def test_integer_pcm_is_scaled_by_the_wav_convention(whisper):
+    x = synth.harmonic_sweep(1.0, 16000)
+    pcm = np.round(x * 32767).astype(np.int16)
+    np.testing.assert_allclose(pcm_to_float(pcm), pcm / 32768.0)
+    np.testing.assert_allclose(whisper.features(pcm), whisper.features(pcm / 32768.0), atol=1e-5)
+    with pytest.raises(AudioError, match="no PCM convention"):
+        pcm_to_float(np.zeros(4, np.int64))
+
+
+def test_list_of_unequal_clips_is_padded_with_relative_lengths():
+    batch, lengths = as_batch([np.ones(100), np.ones(50)], expected_rate=16000)
+    assert batch.shape == (2, 100)
+    np.testing.assert_allclose(lengths, [1.0, 0.5])
+    assert float(batch[1, 50:].sum()) == 0.0
+
+
+def test_too_long_audio_names_the_limit():
+    with pytest.raises(AudioError, match="longer than m's limit"):
+        as_batch(np.zeros(100), expected_rate=10, max_samples=50, name="m")
+
+
+def test_traced_audio_is_checked_for_shape_only():
+    def f(w):
+        return as_batch(w, expected_rate=16000)[0].sum()
+
+    assert jax.grad(f)(jnp.ones(8)).shape == (8,)
+
+
+def test_read_resamples_and_mixes_down(tmp_path):
+    stereo = np.stack([synth.harmonic_sweep(1.0, 8000), synth.noise_bursts(1.0, 8000)], axis=1)
+    sf.write(tmp_path / "x.wav", stereo, 8000)
+    wave = read(tmp_path / "x.wav", 16000)
+    assert wave.ndim == 1 and abs(wave.shape[0] - 16000) <= 1
+    with pytest.raises(FileNotFoundError):
+        read(tmp_path / "missing.wav", 16000)
