@@ -145,6 +145,20 @@ class BatchNorm(nn.Module):
         return (x - per_channel(mean, x)) * per_channel(scale, x) + per_channel(bias, x)
 
 
+def tap(module: nn.Module, name: str, x: jnp.ndarray) -> jnp.ndarray:
+    """Expose ``x`` as the intermediate ``<module path>.<name>``: it is sown into the
+    ``intermediates`` collection (``Model.forward`` returns it), and if a
+    ``perturbations`` entry of that name is given it is added to ``x`` — the gradient
+    with respect to that zero entry is the gradient with respect to the layer output
+    (Grad-CAM, gradient rollout). Unlike ``Module.perturb``, only the taps needed have
+    to be given, so a full set of attention-sized zeros is never allocated.
+    """
+    if module.has_variable("perturbations", name):
+        x = x + module.get_variable("perturbations", name)
+    module.sow("intermediates", name, x)
+    return x
+
+
 def gelu(x: jnp.ndarray, rules: Rules = None) -> jnp.ndarray:
     """Exact (erf) GELU, as PyTorch's ``nn.GELU()``."""
     return lrp.activation(lambda t: jax.nn.gelu(t, approximate=False), x, rules)

@@ -15,7 +15,7 @@ The flowing cotangent ``g`` at a tensor ``z`` is relevance divided by ``z``
 |---|---|---|
 | :func:`linear` (dense, conv) | ``epsilon`` | ``g_in = Wᵀ (g · z / (z + ε·sign z))`` |
 | | ``gamma`` / ``zplus`` | zennit's Gamma / ZPlus (positive and negative parts) |
-| :func:`activation` | ``identity`` | ``g_in = g · f(x) / x`` (LXT ``identity_rule_implicit``) |
+| :func:`activation` | ``identity`` | ``g_in = g · f(x) / (x + 1e-10)`` (LXT ``identity_rule_implicit``) |
 | :func:`norm_std` | ``identity`` | std treated as a constant (``stop_gradient``) |
 | :func:`bilinear` | ``uniform`` | each operand's gradient halved (LXT ``divide_gradient``) |
 | :func:`attention_weights` | ``cp`` | probabilities treated as constants (CP-LRP) |
@@ -103,13 +103,13 @@ class RuleSet:
 _ATTN = dict(activation="identity", norm="identity", bilinear="uniform", gate="constant")
 
 RULE_SETS: dict[str, RuleSet] = {
-    # Achtibat et al. 2024: identity on activations and norms, uniform bilinear
-    # split, ε on linear layers (which in x·grad form is the plain gradient plus
-    # the ε-stabilised bias absorption).
-    "attnlrp": RuleSet("attnlrp", linear="epsilon", **_ATTN),
+    # Achtibat et al. 2024 as LXT's efficient implementation runs it: identity on
+    # activations and norms, uniform split of bilinear products (q and k get 1/4, v 1/2),
+    # and linear layers by their plain gradient (x·grad then gives the z-rule).
+    "attnlrp": RuleSet("attnlrp", **_ATTN),
     # Ali et al. 2022: attention probabilities are constants; relevance flows through v.
-    "cp_lrp": RuleSet("cp_lrp", linear="epsilon", activation="identity", norm="identity",
-                      attention="cp", gate="constant"),
+    "cp_lrp": RuleSet("cp_lrp", activation="identity", norm="identity", attention="cp",
+                      gate="constant"),
     "epsilon": RuleSet("epsilon", linear="epsilon", **_ATTN),
     "gamma": RuleSet("gamma", linear="gamma", **_ATTN),
     "zplus": RuleSet("zplus", linear="zplus", **_ATTN),
@@ -155,13 +155,13 @@ divide_gradient.defvjp(_divide_fwd, _divide_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 2))
 def identity_rule(fn: Callable, x: jnp.ndarray, eps: float = 1e-10) -> jnp.ndarray:
-    """``fn(x)`` forward; backward ``g · fn(x) / (x + ε·sign x)`` (LXT ``identity_rule_implicit``)."""
+    """``fn(x)`` forward; backward ``g · fn(x) / (x + ε)`` (LXT ``identity_rule_implicit``)."""
     return fn(x)
 
 
 def _identity_fwd(fn, x, eps):
     y = fn(x)
-    return y, y / _stabilize(x, eps)
+    return y, y / (x + eps)  # as LXT: ε only keeps x = 0 finite
 
 
 def _identity_bwd(fn, eps, ratio, g):
@@ -208,9 +208,10 @@ def softmax(x: jnp.ndarray, axis: int = -1, where: jnp.ndarray | None = None) ->
 
 
 def attention_weights(scores: jnp.ndarray, rules: RuleSet | None = None,
-                      where: jnp.ndarray | None = None) -> jnp.ndarray:
-    """Softmax over the last axis of attention scores; CP-LRP makes it a constant."""
-    probs = softmax(scores, axis=-1, where=where)
+                      where: jnp.ndarray | None = None, axis: int = -1) -> jnp.ndarray:
+    """Softmax over ``axis`` (the last by default) of attention scores; CP-LRP makes it
+    a constant."""
+    probs = softmax(scores, axis=axis, where=where)
     if _field(rules, "attention") == "cp":
         probs = jax.lax.stop_gradient(probs)
     return probs

@@ -43,6 +43,8 @@ class Family:
     (with the matching example kwargs) for init and ``eval_shape``.
     ``max_samples(config)``: the longest waveform accepted (``None``: any, the front
     end trims or chunks and says so in its docs).
+    ``tokens_to_features(config, layer, token_map [B, tokens], features_shape)``: a
+    per-token map of a layer laid over the features' layout.
     """
 
     name: str
@@ -53,7 +55,12 @@ class Family:
     example_features: Callable[[Any, int], tuple[jax.ShapeDtypeStruct, dict]]
     sample_rate: Callable[[Any], int]
     max_samples: Callable[[Any], int | None] = lambda config: None
-    output_name: str = "output"
+    # Where time runs in the features (pooling relevance to frames), the hop between
+    # frames in samples (pulling it back to the waveform), and how a per-token map of a
+    # layer ([B, tokens]) is laid over the features (Grad-CAM, rollout).
+    time_axis: int = -1
+    hop_length: Callable[[Any], int] = lambda config: 160
+    tokens_to_features: Callable[..., jnp.ndarray] | None = None
 
 
 _FAMILIES: dict[str, Family] = {}

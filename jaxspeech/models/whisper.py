@@ -107,8 +107,7 @@ class SelfAttention(nn.Module):
         v = layers.Dense(d, rules=self.rules, name="v_proj")(x)
         q, k, v = (a.reshape(heads) for a in (q, k, v))
         scores = lrp.bilinear("bqhd,bkhd->bhqk", q, k, r)
-        probs = lrp.attention_weights(scores, r)
-        self.sow("intermediates", "attention", probs)
+        probs = layers.tap(self, "attention", lrp.attention_weights(scores, r))
         context = lrp.bilinear("bhqk,bkhd->bqhd", probs, v, r).reshape(b, t, d)
         return layers.Dense(d, rules=self.rules, name="out_proj")(context)
 
@@ -126,9 +125,7 @@ class EncoderLayer(nn.Module):
         h = layers.Dense(cfg.encoder_ffn_dim, rules=self.rules, name="fc1")(h)
         h = layers.Dense(cfg.d_model, rules=self.rules, name="fc2")(layers.gelu(h, r))
         x = x + h
-        x = self.perturb("hidden_state", x)
-        self.sow("intermediates", "hidden_state", x)
-        return x
+        return layers.tap(self, "hidden_state", x)
 
 
 class WhisperEncoder(nn.Module):
@@ -157,8 +154,7 @@ class WhisperEncoder(nn.Module):
             lambda key, shape: jnp.asarray(sinusoids(*shape)),
             (cfg.max_source_positions, cfg.d_model))
         x = x + positions[None]
-        x = self.perturb("embeddings", x)
-        self.sow("intermediates", "embeddings", x)
+        x = layers.tap(self, "embeddings", x)
         layer_cls = nn.remat(EncoderLayer) if self.remat else EncoderLayer
         for i in range(cfg.encoder_layers):
             x = layer_cls(cfg, self.rules, name=f"layers.{i}")(x)
@@ -178,6 +174,16 @@ def prepare(config: WhisperConfig, wave: jnp.ndarray, lengths=None):
     return frontend.log_mel_spectrogram(wave, config.n_mels), {}
 
 
+def tokens_to_features(config: WhisperConfig, layer: str, tokens: jnp.ndarray, shape):
+    """``[B, 1500]`` (one value per encoder position, 20 ms) -> ``[B, n_mels, 3000]``: each
+    position covers the two 10 ms feature frames conv2's stride merged."""
+    if tokens.shape[-1] == shape[-1]:  # already at frame rate (the conv1 output)
+        frames = tokens
+    else:
+        frames = jnp.repeat(tokens, shape[-1] // tokens.shape[-1], axis=-1)
+    return jnp.broadcast_to(frames[:, None, :], shape)
+
+
 def example_features(config: WhisperConfig, batch: int):
     return jax.ShapeDtypeStruct((batch, config.n_mels, config.n_frames), jnp.float32), {}
 
@@ -190,4 +196,7 @@ FAMILY = register_family(Family(
     prepare=prepare,
     example_features=example_features,
     sample_rate=lambda config: frontend.SAMPLE_RATE,
+    time_axis=2,
+    hop_length=lambda config: frontend.HOP_LENGTH,
+    tokens_to_features=tokens_to_features,
 ))

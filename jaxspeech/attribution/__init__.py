@@ -1,0 +1,193 @@
+"""``jaxspeech.attribute``: explain a batch of waveforms with one compiled call.
+
+    res = js.attribute(m, wave, target=js.targets.predicted_class(), method="attnlrp")
+    res.relevance      # same layout as m.features(wave)
+    res.score          # [B] target value per item
+    res.frames()       # [B, frames] relevance pooled over frequency
+    res.to_waveform()  # [B, samples] relevance spread back over the samples of each frame
+
+Methods: the LRP rule sets (``attnlrp``, ``cp_lrp``, ``epsilon``, ``gamma``, ``zplus``)
+and ``saliency``, ``gradient_x_input``, ``integrated_gradients``, ``smoothgrad``,
+``gradcam``, ``rollout``, ``gradient_rollout``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspeech import lrp
+from jaxspeech.attribution import methods, targets
+from jaxspeech.attribution.targets import Target
+
+__all__ = ["attribute", "Attribution", "METHODS", "LRP_METHODS", "targets", "methods"]
+
+LRP_METHODS = tuple(lrp.RULE_SETS)
+GRADIENT_METHODS = ("saliency", "gradient_x_input", "integrated_gradients", "smoothgrad")
+LAYER_METHODS = ("gradcam", "rollout", "gradient_rollout")
+METHODS = LRP_METHODS + GRADIENT_METHODS + LAYER_METHODS
+
+
+@dataclasses.dataclass(frozen=True)
+class Attribution:
+    """The relevance of every input feature for one target, per item.
+
+    ``relevance`` has the features' layout (Whisper ``[B, n_mels, 3000]``, ECAPA
+    ``[B, frames, n_mels]``, CLAP ``[B, channels, frames, 64]``); ``score`` is the
+    target per item; ``extras`` holds method diagnostics (IG's completeness gap,
+    LRP's conservation ratio, Grad-CAM's per-token map).
+    """
+
+    relevance: jnp.ndarray
+    score: jnp.ndarray
+    features: jnp.ndarray
+    method: str
+    target: str
+    model: Any = dataclasses.field(repr=False)
+    wave: Any = dataclasses.field(default=None, repr=False)
+    extras: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def time_axis(self) -> int:
+        return self.model.family.time_axis % self.relevance.ndim
+
+    def frames(self) -> jnp.ndarray:
+        """``[B, frames]``: relevance summed over every axis but batch and time."""
+        axes = tuple(a for a in range(1, self.relevance.ndim) if a != self.time_axis)
+        return self.relevance.sum(axis=axes)
+
+    def to_waveform(self, n_samples: int | None = None) -> jnp.ndarray:
+        """``[B, samples]``: each frame's relevance spread evenly over the ``hop_length``
+        samples it stands for (conserves the total; frames past the audio are dropped)."""
+        hop = self.model.family.hop_length(self.model.config)
+        per_frame = self.frames() / hop
+        wave = jnp.repeat(per_frame, hop, axis=-1)
+        if n_samples is None and self.wave is not None:
+            n_samples = self.wave.shape[-1]
+        if n_samples is None:
+            return wave
+        if wave.shape[-1] >= n_samples:
+            return wave[:, :n_samples]
+        return jnp.pad(wave, ((0, 0), (0, n_samples - wave.shape[-1])))
+
+    def conservation(self) -> jnp.ndarray:
+        """``[B]``: total relevance / target value (1 where a rule conserves exactly)."""
+        axes = tuple(range(1, self.relevance.ndim))
+        return self.relevance.sum(axis=axes) / self.score
+
+    def numpy(self) -> dict[str, np.ndarray]:
+        return {"relevance": np.asarray(self.relevance), "score": np.asarray(self.score),
+                "features": np.asarray(self.features)}
+
+
+def attribute(
+    model,
+    wave=None,
+    target: Target | None = None,
+    method: str = "attnlrp",
+    *,
+    features=None,
+    sample_rate: int | None = None,
+    params=None,
+    layer: str | None = None,
+    steps: int = 32,
+    baseline: float | np.ndarray | None = None,
+    integration: str = "gausslegendre",
+    n_samples: int = 16,
+    noise_level: float = 0.1,
+    key: jax.Array | None = None,
+    epsilon: float | None = None,
+    gamma: float | None = None,
+    rules: lrp.RuleSet | None = None,
+    batch_size: int = 4,
+    remat: bool = False,
+    **prepare_options,
+) -> Attribution:
+    """Explain ``target`` for each item of ``wave`` (or of precomputed ``features``).
+
+    ``method``: an LRP rule set name (``rules=`` overrides it with a custom
+    :class:`~jaxspeech.lrp.RuleSet`, ``epsilon=``/``gamma=`` set its parameters), or a
+    gradient / layer method. ``layer``: Grad-CAM's layer (a name from
+    ``m.forward``'s intermediates). ``steps``, ``baseline`` (default: the features'
+    minimum per item — silence in log-mel terms), ``integration``: integrated
+    gradients. ``n_samples``, ``noise_level``, ``key``: SmoothGrad. ``batch_size``:
+    IG steps / SmoothGrad samples computed at once. ``params``: explain another
+    params tree (a randomised copy, say) with the same model.
+    Keyword options of the front end (``lengths``, CLAP's ``key``) pass through.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    params = model.params if params is None else params
+    if features is None:
+        if wave is None:
+            raise ValueError("give a waveform (wave=...) or precomputed features (features=...)")
+        features, kwargs = model.prepare(wave, sample_rate=sample_rate, **prepare_options)
+    else:
+        features = jnp.asarray(features)
+        kwargs = {k: jnp.asarray(v) for k, v in prepare_options.items() if v is not None}
+    target = targets.default(model) if target is None else target
+    config = model.config
+    extras: dict[str, Any] = {}
+
+    if method in LRP_METHODS or rules is not None:
+        rule_set = rules if rules is not None else methods.rules_for(method, epsilon, gamma)
+        g, score = methods.gradient(config, params, features, kwargs, target, rules=rule_set,
+                                    remat=remat)
+        relevance = features * g
+    elif method in ("saliency", "gradient_x_input"):
+        g, score = methods.gradient(config, params, features, kwargs, target, remat=remat)
+        relevance = jnp.abs(g) if method == "saliency" else features * g
+    elif method == "integrated_gradients":
+        base = _baseline(features, baseline)
+        relevance, score, base_score = methods.integrated_gradients(
+            config, params, features, kwargs, target, base, steps=steps, method=integration,
+            batch_size=batch_size, remat=remat)
+        total = relevance.sum(axis=tuple(range(1, relevance.ndim)))
+        extras.update(baseline_score=base_score,
+                      completeness_gap=(total - (score - base_score)) / jnp.abs(score - base_score))
+    elif method == "smoothgrad":
+        key = jax.random.key(0) if key is None else key
+        relevance, score = methods.smoothgrad(config, params, features, kwargs, target, key,
+                                              noise_level=noise_level, n_samples=n_samples,
+                                              batch_size=batch_size, remat=remat)
+    else:
+        if method == "gradcam":
+            if layer is None:
+                names = [n for n in methods.layer_names(config, features, kwargs)
+                         if n.endswith("hidden_state")]
+                raise ValueError(f"gradcam needs layer=...; this model has: {', '.join(names)}")
+            tokens, score = methods.gradcam(config, params, features, kwargs, target, layer, remat)
+        elif method == "rollout":
+            tokens, score = methods.rollout(config, params, features, kwargs, target, remat)
+        else:
+            tokens, score = methods.gradient_rollout(config, params, features, kwargs, target,
+                                                     remat)
+        to_features = model.family.tokens_to_features
+        if to_features is None:
+            raise ValueError(f"{model.kind} cannot lay a per-token map over its features")
+        extras["tokens"] = tokens
+        relevance = to_features(config, layer, tokens, features.shape)
+    if method in LRP_METHODS:
+        extras["conservation"] = relevance.sum(axis=tuple(range(1, relevance.ndim))) / score
+    return Attribution(relevance, score, features, method, target.name, model,
+                       wave=None if wave is None else jnp.asarray(_as_array(wave)), extras=extras)
+
+
+def _baseline(features, baseline):
+    if baseline is None:
+        axes = tuple(range(1, features.ndim))
+        return jnp.broadcast_to(features.min(axis=axes, keepdims=True), features.shape)
+    return jnp.broadcast_to(jnp.asarray(baseline, features.dtype), features.shape)
+
+
+def _as_array(wave):
+    if isinstance(wave, (list, tuple)):
+        from jaxspeech.audio import stack_clips
+
+        return stack_clips(wave)[0]
+    wave = np.asarray(wave)
+    return wave[None] if wave.ndim == 1 else wave
