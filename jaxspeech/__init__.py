@@ -7,14 +7,17 @@
 """
 
 from jaxspeech import audio, lrp
-from jaxspeech.convert import CheckpointError, load
+from jaxspeech.attribution import METHODS, Attribution, attribute, targets
+from jaxspeech.clap_text import clap_text_embeddings, zero_shot
 
 # Each family registers its model and converter on import.
-from jaxspeech.convert import whisper as _convert_whisper  # noqa: F401, E402, I001
+from jaxspeech.convert import CheckpointError, load
+from jaxspeech.convert import clap as _convert_clap  # noqa: F401
+from jaxspeech.convert import ecapa as _convert_ecapa  # noqa: F401
+from jaxspeech.convert import whisper as _convert_whisper  # noqa: F401
 from jaxspeech.model import Model, init, presets
+from jaxspeech.verify import verify  # the function shadows the module name
 
-# FAMILY ECAPA: from jaxspeech.convert import ecapa as _convert_ecapa  # noqa: F401, E402
-# FAMILY CLAP: from jaxspeech.convert import clap as _convert_clap  # noqa: F401, E402
-
-__all__ = ["load", "init", "presets", "Model", "CheckpointError", "audio", "lrp"]
+__all__ = ["load", "init", "presets", "Model", "CheckpointError", "audio", "lrp", "verify",
+           "clap_text_embeddings", "zero_shot", "attribute", "Attribution", "METHODS", "targets"]
 __version__ = "0.1.0"

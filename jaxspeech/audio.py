@@ -155,12 +155,17 @@ def read(path: str | os.PathLike, sample_rate: int, *, mono: bool = True) -> np.
         import soundfile as sf
 
         data, rate = sf.read(path, dtype="float32", always_2d=True)
-    except Exception as sf_error:  # soundfile lacks mp3/m4a on some builds
+    except Exception as sf_error:  # soundfile lacks mp3/m4a on some builds: try librosa
         try:
+            import warnings
+
             import librosa
-        except ImportError:
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                data, rate = librosa.load(path, sr=None, mono=False)
+        except Exception:
             raise AudioError(f"cannot read {path}: {sf_error}") from sf_error
-        data, rate = librosa.load(path, sr=None, mono=False)
         data = np.atleast_2d(data).T
     if data.shape[0] == 0:
         raise AudioError(f"{path} holds no samples")

@@ -52,7 +52,7 @@ class Report:
         return all(r.ok for r in self.rows)
 
     def table(self, fmt: str = "text") -> str:
-        head = ["stage", "shape", "max |diff|", "mean |diff|", "max |ref|", "max rel", "result"]
+        head = ["stage", "shape", "max abs diff", "mean abs diff", "max abs ref", "max rel", "result"]
         body = [[r.stage, "x".join(map(str, r.shape)), f"{r.max_abs:.3e}", f"{r.mean_abs:.3e}",
                  f"{r.scale:.3e}", f"{r.max_rel:.3e}", "ok" if r.ok else "FAIL"]
                 for r in self.rows]

@@ -1,0 +1,154 @@
+"""ECAPA-TDNN forward speed: jaxspeech (jit) vs SpeechBrain (PyTorch), same weights.
+
+    python benchmarks/forward_ecapa.py                         # 3 s and 10 s, batch 1 and 16
+    python benchmarks/forward_ecapa.py --seconds 3 --batches 16 --rounds 9
+
+Random weights (and random BatchNorm statistics) at the spkrec-ecapa-voxceleb size
+are made once with SpeechBrain and saved as a SpeechBrain folder
+(``hyperparams.yaml`` + ``embedding_model.ckpt``); jaxspeech loads it with
+``js.load``, SpeechBrain with HyperPyYAML + ``load_state_dict``. Input: speech-like
+audio (harmonic sweeps), all items of equal length, relative lengths all ones.
+
+Timed per (duration, batch):
+- model: the embedding model on precomputed features ``[B, frames, 80]``
+  (jaxspeech ``m.apply`` jitted, ``jax.block_until_ready`` around each call, after a
+  warm-up call whose extra time is reported as compile time; SpeechBrain
+  ``ECAPA_TDNN(feats, lengths)`` under ``torch.no_grad`` after a warm-up call);
+- end to end: waveform -> embedding (jaxspeech ``m(wave)``; SpeechBrain ``Fbank`` ->
+  ``InputNormalization`` -> ``ECAPA_TDNN``, as ``EncoderClassifier.encode_batch``).
+The two frameworks are timed in alternating rounds in one process and the median of
+the rounds is reported, so that load from other processes on a shared machine hits
+both alike. Reported: utterances per second and the ratio jaxspeech / PyTorch
+(> 1: jaxspeech faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+
+import numpy as np
+
+YAML = """\
+n_mels: 80
+compute_features: !new:speechbrain.lobes.features.Fbank
+    n_mels: !ref <n_mels>
+mean_var_norm: !new:speechbrain.processing.features.InputNormalization
+    norm_type: sentence
+    std_norm: False
+embedding_model: !new:speechbrain.lobes.models.ECAPA_TDNN.ECAPA_TDNN
+    input_size: !ref <n_mels>
+    channels: [1024, 1024, 1024, 1024, 3072]
+    kernel_sizes: [5, 3, 3, 3, 1]
+    dilations: [1, 2, 3, 4, 1]
+    attention_channels: 128
+    lin_neurons: 192
+"""
+
+
+def make_folder(folder: str) -> None:
+    import torch
+    from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
+
+    torch.manual_seed(0)
+    model = ECAPA_TDNN(80, channels=[1024, 1024, 1024, 1024, 3072], lin_neurons=192)
+    with torch.no_grad():
+        for name, v in model.state_dict().items():
+            if name.endswith("running_mean"):
+                v.uniform_(-0.2, 0.2)
+            elif name.endswith("running_var"):
+                v.uniform_(0.5, 2.0)
+    torch.save(model.state_dict(), os.path.join(folder, "embedding_model.ckpt"))
+    with open(os.path.join(folder, "hyperparams.yaml"), "w") as f:
+        f.write(YAML)
+
+
+def waves(seconds: float, batch: int) -> np.ndarray:
+    from jaxspeech.data import synth
+
+    return np.stack([synth.harmonic_sweep(seconds, 16000, seed=i) for i in range(batch)])
+
+
+def timed(fn) -> float:
+    # let the other framework's idle worker threads stop spinning (OpenMP / Eigen pools
+    # busy-wait for a while after each call and would steal the 2 cores)
+    time.sleep(0.5)
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench(folder: str, seconds: float, batch: int, rounds: int) -> dict:
+    import jax
+    import torch
+    from hyperpyyaml import load_hyperpyyaml
+
+    import jaxspeech as js
+
+    wave_np = waves(seconds, batch)
+
+    # jaxspeech
+    m = js.load(folder)
+    feats, kwargs = jax.block_until_ready(m.prepare(wave_np))
+    first = timed(lambda: jax.block_until_ready(m.apply(m.params, feats, **kwargs)))
+    jax.block_until_ready(m(wave_np))  # compile the front end
+
+    # SpeechBrain, as EncoderClassifier.encode_batch runs it
+    with open(os.path.join(folder, "hyperparams.yaml")) as f:
+        hp = load_hyperpyyaml(f)
+    fbank, norm, model = hp["compute_features"], hp["mean_var_norm"], hp["embedding_model"]
+    model.load_state_dict(torch.load(os.path.join(folder, "embedding_model.ckpt"),
+                                     weights_only=True))
+    model.eval()
+    wave = torch.from_numpy(wave_np)
+    lengths = torch.ones(batch)
+    out = {k: [] for k in ("jax_model", "torch_model", "jax_e2e", "torch_e2e")}
+    with torch.no_grad():
+        tfeats = norm(fbank(wave), lengths)
+        model(tfeats, lengths)  # warm-up
+        for _ in range(rounds):
+            out["torch_model"].append(timed(lambda: model(tfeats, lengths)))
+            out["jax_model"].append(timed(
+                lambda: jax.block_until_ready(m.apply(m.params, feats, **kwargs))))
+        for _ in range(rounds):
+            out["torch_e2e"].append(timed(lambda: model(norm(fbank(wave), lengths), lengths)))
+            out["jax_e2e"].append(timed(lambda: jax.block_until_ready(m(wave_np))))
+    res = {k: float(np.median(v)) for k, v in out.items()}
+    res["compile_s"] = first - res["jax_model"]
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", nargs="+", type=float, default=[3.0, 10.0])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+
+    import jax
+    import torch
+
+    print(f"# ECAPA-TDNN forward (spkrec-ecapa-voxceleb size), {time.strftime('%Y-%m-%d')}, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+          f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads)")
+    print("| audio | batch | jaxspeech utt/s | SpeechBrain utt/s | ratio | jaxspeech e2e utt/s | "
+          "SpeechBrain e2e utt/s | e2e ratio | jax compile s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as folder:
+        make_folder(folder)
+        for seconds in args.seconds:
+            for batch in args.batches:
+                r = bench(folder, seconds, batch, args.rounds)
+                print(f"| {seconds:g} s | {batch} | {batch / r['jax_model']:.2f} | "
+                      f"{batch / r['torch_model']:.2f} | {r['torch_model'] / r['jax_model']:.2f} | "
+                      f"{batch / r['jax_e2e']:.2f} | {batch / r['torch_e2e']:.2f} | "
+                      f"{r['torch_e2e'] / r['jax_e2e']:.2f} | {r['compile_s']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
