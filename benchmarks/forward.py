@@ -26,20 +26,7 @@ import time
 
 import numpy as np
 
-WHISPER_SIZES = {  # d_model, layers, heads (HF WhisperConfig names)
-    "whisper-tiny": (384, 4, 6), "whisper-base": (512, 6, 8), "whisper-small": (768, 12, 12)}
-
-
-def make_whisper_folder(name: str, folder: str) -> None:
-    import torch
-    from transformers import WhisperConfig, WhisperModel
-
-    d, n, h = WHISPER_SIZES[name]
-    torch.manual_seed(0)
-    cfg = WhisperConfig(num_mel_bins=80, d_model=d, encoder_layers=n, encoder_attention_heads=h,
-                        encoder_ffn_dim=4 * d, decoder_layers=1, decoder_attention_heads=h,
-                        decoder_ffn_dim=4 * d)
-    WhisperModel(cfg).save_pretrained(folder)
+from jaxspeech.data.reference_checkpoints import write_whisper
 
 
 def peak_rss_mb() -> float:
@@ -142,7 +129,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.configs:
         with tempfile.TemporaryDirectory() as folder:
-            make_whisper_folder(name, folder)
+            write_whisper(folder, name)
             for batch in args.batches:
                 j = run_child("jaxspeech", folder, batch, args.repeats)
                 t = run_child("torch", folder, batch, args.repeats)

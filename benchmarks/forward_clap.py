@@ -32,21 +32,7 @@ import time
 
 import numpy as np
 
-HF_SIZES = {  # ClapAudioConfig overrides per preset
-    "clap-htsat-unfused": {},
-    "larger-clap-general": dict(patch_embeds_hidden_size=128, depths=[2, 2, 12, 2], hidden_size=1024),
-}
-
-
-def make_folder(preset: str, folder: str) -> None:
-    import torch
-    from transformers import ClapAudioConfig, ClapAudioModelWithProjection, ClapFeatureExtractor
-
-    torch.manual_seed(0)
-    model = ClapAudioModelWithProjection(ClapAudioConfig(**HF_SIZES[preset])).eval()
-    model.save_pretrained(folder)
-    ClapFeatureExtractor(frequency_min=50, frequency_max=14000, truncation="rand_trunc",
-                         padding="repeatpad").save_pretrained(folder)
+from jaxspeech.data.reference_checkpoints import CLAP_SIZES, write_clap
 
 
 def make_wave(batch: int, seconds: float = 10.0, sr: int = 48000) -> np.ndarray:
@@ -117,7 +103,7 @@ def bench(folder: str, batch: int, rounds: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="clap-htsat-unfused", choices=sorted(HF_SIZES))
+    parser.add_argument("--preset", default="clap-htsat-unfused", choices=sorted(CLAP_SIZES))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
@@ -133,7 +119,7 @@ def main() -> None:
           "PyTorch e2e utt/s | e2e ratio | jax compile s |")
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
-        make_folder(args.preset, folder)
+        write_clap(folder, args.preset)
         for batch in args.batches:
             r = bench(folder, batch, args.rounds)
             print(f"| {batch} | {batch / r['jax_model']:.2f} | {batch / r['torch_model']:.2f} | "

@@ -32,38 +32,7 @@ import time
 
 import numpy as np
 
-YAML = """\
-n_mels: 80
-compute_features: !new:speechbrain.lobes.features.Fbank
-    n_mels: !ref <n_mels>
-mean_var_norm: !new:speechbrain.processing.features.InputNormalization
-    norm_type: sentence
-    std_norm: False
-embedding_model: !new:speechbrain.lobes.models.ECAPA_TDNN.ECAPA_TDNN
-    input_size: !ref <n_mels>
-    channels: [1024, 1024, 1024, 1024, 3072]
-    kernel_sizes: [5, 3, 3, 3, 1]
-    dilations: [1, 2, 3, 4, 1]
-    attention_channels: 128
-    lin_neurons: 192
-"""
-
-
-def make_folder(folder: str) -> None:
-    import torch
-    from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
-
-    torch.manual_seed(0)
-    model = ECAPA_TDNN(80, channels=[1024, 1024, 1024, 1024, 3072], lin_neurons=192)
-    with torch.no_grad():
-        for name, v in model.state_dict().items():
-            if name.endswith("running_mean"):
-                v.uniform_(-0.2, 0.2)
-            elif name.endswith("running_var"):
-                v.uniform_(0.5, 2.0)
-    torch.save(model.state_dict(), os.path.join(folder, "embedding_model.ckpt"))
-    with open(os.path.join(folder, "hyperparams.yaml"), "w") as f:
-        f.write(YAML)
+from jaxspeech.data.reference_checkpoints import ECAPA_FULL, write_ecapa
 
 
 def waves(seconds: float, batch: int) -> np.ndarray:
@@ -140,7 +109,7 @@ def main() -> None:
           "SpeechBrain e2e utt/s | e2e ratio | jax compile s |")
     print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
-        make_folder(folder)
+        write_ecapa(folder, ECAPA_FULL, classifier=False)
         for seconds in args.seconds:
             for batch in args.batches:
                 r = bench(folder, seconds, batch, args.rounds)

@@ -92,7 +92,8 @@ def _add_extra_commands(sub) -> None:
     """Commands defined by other modules (attribution, corpus runs, evaluation)."""
     import importlib
 
-    for name in ("jaxspeech.attribution.cli", "jaxspeech.demo"):
+    for name in ("jaxspeech.attribution.cli", "jaxspeech.demo", "jaxspeech.corpus.cli",
+                 "jaxspeech.probe", "jaxspeech.evaluate"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:

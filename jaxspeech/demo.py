@@ -18,19 +18,28 @@ import numpy as np
 METHODS = ("attnlrp", "gradient_x_input", "integrated_gradients")
 
 
-def write_whisper_checkpoint(folder: Path) -> Path:
-    import torch
-    from transformers import WhisperConfig, WhisperModel
+def _whisper(folder: Path) -> Path:
+    from jaxspeech.data.reference_checkpoints import write_whisper
 
-    torch.manual_seed(0)
-    cfg = WhisperConfig(num_mel_bins=80, d_model=384, encoder_layers=2, encoder_attention_heads=6,
-                        encoder_ffn_dim=1536, decoder_layers=1, decoder_attention_heads=6,
-                        decoder_ffn_dim=1536)
-    WhisperModel(cfg).save_pretrained(folder)
+    write_whisper(folder, (384, 2, 6), perturb=0.1)  # whisper-tiny widths, 2 layers
     return folder
 
 
-WRITERS = {"whisper": write_whisper_checkpoint}
+def _ecapa(folder: Path) -> Path:
+    from jaxspeech.data.reference_checkpoints import ECAPA_FULL, write_ecapa
+
+    write_ecapa(folder, dict(ECAPA_FULL, out_neurons=16))  # spkrec size, 16 speakers
+    return folder
+
+
+def _clap(folder: Path) -> Path:
+    from jaxspeech.data.reference_checkpoints import write_clap
+
+    write_clap(folder, dict(depths=[2, 2, 2, 2]))  # clap-htsat widths, fewer blocks
+    return folder
+
+
+WRITERS = {"whisper": _whisper, "ecapa": _ecapa, "clap": _clap}
 
 
 def run(out: str, families: tuple[str, ...] = ("whisper",), methods=METHODS) -> int:

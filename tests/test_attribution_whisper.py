@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 import transformers.models.whisper.modeling_whisper as hf_whisper
-from transformers import WhisperConfig, WhisperModel
+from transformers import WhisperModel
 
 import jaxspeech as js
+from jaxspeech.data.reference_checkpoints import write_whisper
 from jaxspeech.lrp import RULE_SETS
 
 D = 64
@@ -20,17 +21,7 @@ D = 64
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("whisper")
-    torch.manual_seed(0)
-    cfg = WhisperConfig(num_mel_bins=80, d_model=D, encoder_layers=2, encoder_attention_heads=4,
-                        encoder_ffn_dim=128, decoder_layers=1, decoder_attention_heads=4,
-                        decoder_ffn_dim=64, vocab_size=64, pad_token_id=0, bos_token_id=1,
-                        eos_token_id=2, decoder_start_token_id=1)
-    model = WhisperModel(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "layer_norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(path)
+    write_whisper(path, (D, 2, 4), ffn_dim=128, perturb=0.1)
     return path
 
 

@@ -21,15 +21,13 @@ from test_clap_frontend import clip, recorded_hf_random, rel_err
 from transformers import (
     ClapAudioConfig,
     ClapAudioModelWithProjection,
-    ClapConfig,
     ClapFeatureExtractor,
     ClapModel,
-    RobertaTokenizer,
 )
-from transformers.models.roberta.tokenization_roberta import bytes_to_unicode
 
 import jaxspeech as js
 from jaxspeech.convert import clap as convert
+from jaxspeech.data.reference_checkpoints import write_clap
 from jaxspeech.models.clap import ClapConfig as JsClapConfig
 
 SR = 48000
@@ -39,77 +37,17 @@ TOL = 1e-4
 pytestmark = pytest.mark.xdist_group("clap")
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Replace HF's init (zero biases and bias tables, unit norms) by random values of a
-    sensible scale, so every parameter matters to the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            r = torch.randn(t.shape, generator=g)
-            if name.endswith("batch_norm.running_mean"):  # the mel-bin norm sees dB values
-                t.copy_(-40 + 10 * r)
-            elif name.endswith("batch_norm.running_var"):
-                t.copy_(300 + 200 * torch.rand(t.shape, generator=g))
-            elif name.endswith("running_var"):
-                t.copy_(0.5 + torch.rand(t.shape, generator=g))
-            elif name.endswith("running_mean"):
-                t.copy_(0.3 * r)
-            elif name.startswith("logit_scale"):
-                t.fill_(float(np.log(20.0)) + 0.5 * r.item())
-            elif t.ndim == 1 and name.endswith("weight"):  # LayerNorm / BatchNorm scales
-                t.copy_(1 + 0.2 * r)
-            elif t.ndim == 1:
-                t.copy_(0.1 * r)
-            elif "relative_position_bias_table" in name:
-                t.copy_(0.5 * r)
-            else:
-                t.copy_(r / np.sqrt(t[0].numel()))
-
-
-def save_tokenizer(folder: Path) -> int:
-    """A byte-level BPE RoBERTa tokenizer built offline (all 256 byte symbols, a few merges)."""
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    for c in sorted(set(bytes_to_unicode().values())):
-        vocab[c] = len(vocab)
-    merges = ["Ġ d", "o g", "Ġd og", "Ġ r", "a i", "Ġr ai"]
-    for m in merges:
-        vocab.setdefault(m.replace(" ", ""), len(vocab))
-    vocab["<mask>"] = len(vocab)
-    tmp = folder / "_tok"
-    tmp.mkdir()
-    (tmp / "vocab.json").write_text(json.dumps(vocab))
-    (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    RobertaTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt")).save_pretrained(folder)
-    shutil.rmtree(tmp)
-    return len(vocab)
-
-
 @pytest.fixture(scope="module")
 def unfused_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("clap_unfused")
-    vocab = save_tokenizer(folder)
-    torch.manual_seed(0)
-    text = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                intermediate_size=48, max_position_embeddings=64)
-    model = ClapModel(ClapConfig(text_config=text, audio_config={})).eval()  # real audio size
-    randomize(model, seed=1)
-    model.save_pretrained(folder)
-    ClapFeatureExtractor(frequency_min=50, frequency_max=14000, truncation="rand_trunc",
-                         padding="repeatpad").save_pretrained(folder)
+    write_clap(folder, text_tower=True, seed=0)  # real clap-htsat-unfused audio size
     return folder
 
 
 @pytest.fixture(scope="module")
 def fused_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("clap_fused")
-    torch.manual_seed(0)
-    model = ClapAudioModelWithProjection(ClapAudioConfig(enable_fusion=True, depths=[2, 2, 1, 1]))
-    randomize(model.eval(), seed=2)
-    model.save_pretrained(folder)
-    ClapFeatureExtractor(frequency_min=30, frequency_max=15000, truncation="fusion",
-                         padding="repeat").save_pretrained(folder)
+    write_clap(folder, dict(depths=[2, 2, 1, 1]), fusion=True, seed=1)
     return folder
 
 

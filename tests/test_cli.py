@@ -5,23 +5,17 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
-from transformers import WhisperConfig, WhisperModel
 
 import jaxspeech.compare
 from jaxspeech.cli import main
 from jaxspeech.data import synth
+from jaxspeech.data.reference_checkpoints import write_whisper
 
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("hf")
-    torch.manual_seed(0)
-    cfg = WhisperConfig(num_mel_bins=80, d_model=32, encoder_layers=1, encoder_attention_heads=2,
-                        encoder_ffn_dim=64, decoder_layers=1, decoder_attention_heads=2,
-                        decoder_ffn_dim=64, vocab_size=64, pad_token_id=0, bos_token_id=1,
-                        eos_token_id=2, decoder_start_token_id=1)
-    WhisperModel(cfg).save_pretrained(path)
+    write_whisper(path, (32, 1, 2), ffn_dim=64)
     return path
 
 

@@ -19,112 +19,23 @@ import jaxspeech as js  # noqa: E402
 from jaxspeech.convert import CheckpointError  # noqa: E402
 from jaxspeech.convert import ecapa as convert  # noqa: E402
 from jaxspeech.data import synth  # noqa: E402
+from jaxspeech.data.reference_checkpoints import ECAPA_FULL as FULL  # noqa: E402
+from jaxspeech.data.reference_checkpoints import ECAPA_SMALL as SMALL  # noqa: E402
+from jaxspeech.data.reference_checkpoints import ECAPA_YAML as YAML  # noqa: E402
+from jaxspeech.data.reference_checkpoints import ecapa_modules as make_reference  # noqa: E402, F401
+from jaxspeech.data.reference_checkpoints import write_ecapa  # noqa: E402
 from jaxspeech.models import ecapa  # noqa: E402
 
 TOL = 1e-4  # max |diff| relative to max |reference|, float32 (DESIGN.md)
 SR = 16000
-
-# The layout of speechbrain/spkrec-ecapa-voxceleb's hyperparams.yaml.
-YAML = """\
-# ############################################################################
-# Model: ECAPA big for Speaker verification
-# ############################################################################
-
-# Feature parameters
-n_mels: {n_mels}
-
-# Pretrain folder (HuggingFace)
-pretrained_path: speechbrain/spkrec-ecapa-voxceleb
-
-# Output parameters
-out_n_neurons: {out_neurons}
-
-# Model params
-compute_features: !new:speechbrain.lobes.features.Fbank
-    n_mels: !ref <n_mels>
-
-mean_var_norm: !new:speechbrain.processing.features.InputNormalization
-    norm_type: sentence
-    std_norm: False
-
-embedding_model: !new:speechbrain.lobes.models.ECAPA_TDNN.ECAPA_TDNN
-    input_size: !ref <n_mels>
-    channels: {channels}
-    kernel_sizes: [5, 3, 3, 3, 1]
-    dilations: [1, 2, 3, 4, 1]
-    attention_channels: {attention_channels}
-    lin_neurons: {lin_neurons}{extra}
-
-classifier: !new:speechbrain.lobes.models.ECAPA_TDNN.Classifier
-    input_size: {lin_neurons}
-    out_neurons: !ref <out_n_neurons>
-
-mean_var_norm_emb: !new:speechbrain.processing.features.InputNormalization
-    norm_type: global
-    std_norm: False
-
-modules:
-    compute_features: !ref <compute_features>
-    mean_var_norm: !ref <mean_var_norm>
-    embedding_model: !ref <embedding_model>
-    mean_var_norm_emb: !ref <mean_var_norm_emb>
-    classifier: !ref <classifier>
-
-label_encoder: !new:speechbrain.dataio.encoder.CategoricalEncoder
-
-pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
-    loadables:
-        embedding_model: !ref <embedding_model>
-        mean_var_norm_emb: !ref <mean_var_norm_emb>
-        classifier: !ref <classifier>
-        label_encoder: !ref <label_encoder>
-    paths:
-        embedding_model: !ref <pretrained_path>/embedding_model.ckpt
-        mean_var_norm_emb: !ref <pretrained_path>/mean_var_norm_emb.ckpt
-        classifier: !ref <pretrained_path>/classifier.ckpt
-        label_encoder: !ref <pretrained_path>/label_encoder.txt
-"""
-
-FULL = dict(n_mels=80, channels=[1024, 1024, 1024, 1024, 3072], attention_channels=128,
-            lin_neurons=192, out_neurons=7205, extra="")
-SMALL = dict(n_mels=80, channels=[32, 32, 32, 32, 96], attention_channels=16, lin_neurons=24,
-             out_neurons=5, extra="\n    se_channels: 8")
 
 
 def write_yaml(folder, hp) -> None:
     (folder / "hyperparams.yaml").write_text(YAML.format(**hp))
 
 
-def make_reference(hp, seed=0):
-    """SpeechBrain modules with random weights and random BatchNorm running statistics."""
-    torch.manual_seed(seed)
-    extra = {"se_channels": 8} if "se_channels" in hp["extra"] else {}
-    emb = sb_ecapa.ECAPA_TDNN(hp["n_mels"], channels=hp["channels"], kernel_sizes=[5, 3, 3, 3, 1],
-                              dilations=[1, 2, 3, 4, 1], attention_channels=hp["attention_channels"],
-                              lin_neurons=hp["lin_neurons"], **extra)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, v in emb.state_dict().items():
-            if name.endswith("running_mean"):
-                v.copy_(torch.rand(v.shape, generator=gen) * 0.4 - 0.2)
-            elif name.endswith("running_var"):
-                v.copy_(torch.rand(v.shape, generator=gen) * 1.5 + 0.5)
-            elif name.endswith("norm.weight"):
-                v.copy_(torch.rand(v.shape, generator=gen) + 0.5)
-            elif name.endswith("norm.bias"):
-                v.copy_(torch.randn(v.shape, generator=gen) * 0.1)
-    clf = sb_ecapa.Classifier(hp["lin_neurons"], out_neurons=hp["out_neurons"])
-    return emb.eval(), clf.eval()
-
-
 def write_folder(folder, hp, seed=0, classifier=True):
-    folder.mkdir(parents=True, exist_ok=True)
-    emb, clf = make_reference(hp, seed)
-    torch.save(emb.state_dict(), folder / "embedding_model.ckpt")
-    if classifier:
-        torch.save(clf.state_dict(), folder / "classifier.ckpt")
-    write_yaml(folder, hp)
-    return emb, clf
+    return write_ecapa(folder, hp, seed=seed, classifier=classifier)
 
 
 def rel_err(ours, ref) -> float:
