@@ -1,15 +1,16 @@
 """Forward speed and memory: jaxspeech (jit) vs the PyTorch reference, same weights, same run.
 
     python benchmarks/forward.py                      # whisper-tiny and whisper-base, batch 1 and 8
-    python benchmarks/forward.py --model whisper --configs whisper-tiny --batches 8 --repeats 5
+    python benchmarks/forward.py --configs whisper-tiny --batches 8 --repeats 5
 
 Each (framework, config, batch) runs in its own subprocess so that peak memory is
 that framework's alone. Random weights are made once per config and saved as an
 HF folder; both frameworks load that folder. The input is 30 s of speech-like
 audio per item. Timed: the encoder on precomputed log-mel features (the model
-forward), and separately the end-to-end waveform -> output call. jaxspeech is
-timed after a warm-up call (compile time reported apart) with
-``jax.block_until_ready``; PyTorch under ``torch.inference_mode`` after a warm-up.
+forward), and separately the end-to-end waveform -> output call. jaxspeech is timed
+after a warm-up call (compile time reported apart) with ``jax.block_until_ready``;
+PyTorch under ``torch.inference_mode`` after a warm-up. Wall time and CPU time (all
+threads) are both reported; on a shared machine the CPU-time ratio is the steadier.
 """
 
 from __future__ import annotations
@@ -17,36 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 from jaxspeech.data.reference_checkpoints import write_whisper
 
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM; ru_maxrss would include the parent's
-    peak, which Linux carries across fork + exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def time_calls(fn, repeats: int) -> float:
-    """Median seconds per call over ``repeats`` calls."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import header, peak_rss_mb, timed  # noqa: E402
 
 
 def run_jax(folder: str, batch: int, repeats: int) -> dict:
@@ -59,13 +40,12 @@ def run_jax(folder: str, batch: int, repeats: int) -> dict:
     m = js.load(folder)
     wave = np.stack([synth.harmonic_sweep(30.0, 16000, seed=i) for i in range(batch)])
     feats = jax.block_until_ready(m.features(wave))
-    t0 = time.perf_counter()
-    jax.block_until_ready(m.apply(m.params, feats))
-    compile_s = time.perf_counter() - t0
-    model_s = time_calls(lambda: jax.block_until_ready(m.apply(m.params, feats)), repeats)
+    compile_s, _ = timed(lambda: jax.block_until_ready(m.apply(m.params, feats)), pause=0)
+    model_s, model_cpu = timed(lambda: jax.block_until_ready(m.apply(m.params, feats)), repeats)
     m(wave)  # compile the front end too
-    e2e_s = time_calls(lambda: jax.block_until_ready(m(wave)), repeats)
-    return {"compile_s": compile_s, "model_s": model_s, "e2e_s": e2e_s,
+    e2e_s, _ = timed(lambda: jax.block_until_ready(m(wave)), repeats)
+    return {"compile_s": compile_s - model_s, "model_s": model_s, "model_cpu": model_cpu,
+            "e2e_s": e2e_s,
             "peak_mb": peak_rss_mb(), "delta_mb": peak_rss_mb() - base}
 
 
@@ -87,9 +67,9 @@ def run_torch(folder: str, batch: int, repeats: int) -> dict:
     feats = features()
     with torch.inference_mode():
         encoder(feats)
-        model_s = time_calls(lambda: encoder(feats), repeats)
-        e2e_s = time_calls(lambda: encoder(features()), repeats)
-    return {"compile_s": 0.0, "model_s": model_s, "e2e_s": e2e_s,
+        model_s, model_cpu = timed(lambda: encoder(feats), repeats)
+        e2e_s, _ = timed(lambda: encoder(features()), repeats)
+    return {"compile_s": 0.0, "model_s": model_s, "model_cpu": model_cpu, "e2e_s": e2e_s,
             "peak_mb": peak_rss_mb(), "delta_mb": peak_rss_mb() - base,
             "attn": encoder.config._attn_implementation}
 
@@ -102,7 +82,9 @@ def child(args) -> None:
 def run_child(framework: str, folder: str, batch: int, repeats: int) -> dict:
     cmd = [sys.executable, __file__, "--child", framework, "--folder", folder,
            "--batch", str(batch), "--repeats", str(repeats)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    # idle OpenMP workers would otherwise spin and count as PyTorch CPU time
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -120,13 +102,10 @@ def main() -> None:
         args.framework = args.child
         return child(args)
 
-    import torch
-
-    print(f"# forward benchmark, {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    print("| model | batch | jaxspeech utt/s | PyTorch utt/s | ratio | jaxspeech e2e utt/s | "
-          "PyTorch e2e utt/s | e2e ratio | jax compile s | peak MB jax / torch |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(header("Whisper encoder forward vs transformers"))
+    print("| model | batch | jaxspeech utt/s | PyTorch utt/s | ratio | CPU-time ratio | "
+          "jaxspeech e2e utt/s | PyTorch e2e utt/s | e2e ratio | jax compile s | peak MB jax / torch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.configs:
         with tempfile.TemporaryDirectory() as folder:
             write_whisper(folder, name)
@@ -134,7 +113,8 @@ def main() -> None:
                 j = run_child("jaxspeech", folder, batch, args.repeats)
                 t = run_child("torch", folder, batch, args.repeats)
                 print(f"| {name} | {batch} | {batch / j['model_s']:.2f} | {batch / t['model_s']:.2f} | "
-                      f"{t['model_s'] / j['model_s']:.2f} | {batch / j['e2e_s']:.2f} | "
+                      f"{t['model_s'] / j['model_s']:.2f} | {t['model_cpu'] / j['model_cpu']:.2f} | "
+                      f"{batch / j['e2e_s']:.2f} | "
                       f"{batch / t['e2e_s']:.2f} | {t['e2e_s'] / j['e2e_s']:.2f} | "
                       f"{j['compile_s']:.1f} | {j['peak_mb']:.0f} / {t['peak_mb']:.0f} |",
                       flush=True)

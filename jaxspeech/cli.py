@@ -97,8 +97,8 @@ def _add_extra_commands(sub) -> None:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
+            if e.name is None or not name.startswith(e.name):
+                raise  # a missing dependency inside the module, not the module itself
             continue
         module.add_commands(sub)
 
