@@ -7,6 +7,7 @@
 """
 
 from jaxspeech import audio, lrp
+from jaxspeech.assets import load_default as default_model
 from jaxspeech.attribution import METHODS, Attribution, attribute, targets
 from jaxspeech.clap_text import clap_text_embeddings, zero_shot
 
@@ -19,5 +20,6 @@ from jaxspeech.model import Model, init, presets
 from jaxspeech.verify import verify  # the function shadows the module name
 
 __all__ = ["load", "init", "presets", "Model", "CheckpointError", "audio", "lrp", "verify",
-           "clap_text_embeddings", "zero_shot", "attribute", "Attribution", "METHODS", "targets"]
+           "clap_text_embeddings", "zero_shot", "attribute", "Attribution", "METHODS", "targets",
+           "default_model"]
 __version__ = "0.1.0"

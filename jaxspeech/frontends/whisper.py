@@ -10,6 +10,7 @@ The max-8 dynamic-range clamp is taken per item, as the HF extractor does for a
 batch (openai/whisper takes it over the whole tensor, so batching would couple
 items there). Audio longer than 30 s is trimmed to its first 30 s, as both
 references do; :func:`jaxspeech.models.whisper` warns when that happens.
+A shorter window (HF's ``chunk_length``) is ``n_samples``: frames = n_samples // 160.
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ def mel_filters(n_mels: int) -> jnp.ndarray:
     return jnp.asarray(fb, jnp.float32)
 
 
-def log_mel_spectrogram(wave: jnp.ndarray, n_mels: int = 80) -> jnp.ndarray:
-    """``wave [B, samples]`` (16 kHz, any length) -> ``features [B, n_mels, 3000]``."""
-    wave = pad_or_trim(wave)
+def log_mel_spectrogram(wave: jnp.ndarray, n_mels: int = 80, n_samples: int = N_SAMPLES) -> jnp.ndarray:
+    """``wave [B, samples]`` (16 kHz, any length) -> ``features [B, n_mels, n_samples // 160]``
+    (3000 frames for the default 30 s window)."""
+    wave = pad_or_trim(wave, n_samples)
     power = power_spectrogram(wave, n_fft=N_FFT, hop_length=HOP_LENGTH)[:, :-1, :]
     mel = jnp.einsum("btf,fm->bmt", power, mel_filters(n_mels).astype(power.dtype),
                      precision="highest")

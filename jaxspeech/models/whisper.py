@@ -50,6 +50,12 @@ class WhisperConfig:
     def n_frames(self) -> int:
         return 2 * self.max_source_positions
 
+    @property
+    def n_samples(self) -> int:
+        """The analysis window in samples: 30 s for the released models; a smaller
+        ``max_source_positions`` gives a shorter window (100 -> 2 s)."""
+        return self.n_frames * frontend.HOP_LENGTH
+
     @classmethod
     def from_hf_config(cls, hf: Mapping) -> WhisperConfig:
         """From a ``config.json`` dict (transformers 4 or 5); refuses what the port lacks."""
@@ -106,9 +112,7 @@ class SelfAttention(nn.Module):
         k = layers.Dense(d, use_bias=False, rules=self.rules, name="k_proj")(x)
         v = layers.Dense(d, rules=self.rules, name="v_proj")(x)
         q, k, v = (a.reshape(heads) for a in (q, k, v))
-        scores = lrp.bilinear("bqhd,bkhd->bhqk", q, k, r)
-        probs = layers.tap(self, "attention", lrp.attention_weights(scores, r))
-        context = lrp.bilinear("bhqk,bkhd->bqhd", probs, v, r).reshape(b, t, d)
+        context = layers.attention(self, q, k, v, r).reshape(b, t, d)
         return layers.Dense(d, rules=self.rules, name="out_proj")(context)
 
 
@@ -142,8 +146,9 @@ class WhisperEncoder(nn.Module):
         if features.ndim != 3 or tuple(features.shape[1:]) != expected:
             raise ValueError(
                 f"Whisper expects features [batch, {cfg.n_mels}, {cfg.n_frames}] "
-                f"(n_mels x 30 s of 10 ms frames), got {tuple(features.shape)}; "
-                "use m.features(wave), which pads or trims audio to 30 s")
+                f"(n_mels x {cfg.n_samples / frontend.SAMPLE_RATE:g} s of 10 ms frames), got "
+                f"{tuple(features.shape)}; use m.features(wave), which pads or trims audio to "
+                f"{cfg.n_samples / frontend.SAMPLE_RATE:g} s")
         x = jnp.swapaxes(features, 1, 2)
         x = layers.gelu(layers.Conv(cfg.d_model, (3,), padding=[(1, 1)], rules=self.rules,
                                     name="conv1")(x), r)
@@ -161,17 +166,23 @@ class WhisperEncoder(nn.Module):
         return layers.LayerNorm(rules=self.rules, name="layer_norm")(x)
 
 
-def prepare(config: WhisperConfig, wave: jnp.ndarray, lengths=None):
-    """Waveform ``[B, samples]`` -> (log-mel ``[B, n_mels, 3000]``, {}).
+# one compiled front end per shape (op-by-op dispatch costs as much as the FFTs)
+_log_mel = jax.jit(frontend.log_mel_spectrogram, static_argnums=(1, 2))
 
-    Audio longer than 30 s is trimmed to its first 30 s with a warning (Whisper's
+
+def prepare(config: WhisperConfig, wave: jnp.ndarray, lengths=None):
+    """Waveform ``[B, samples]`` -> (log-mel ``[B, n_mels, n_frames]``, {}); 3000 frames for
+    the released models, ``2 * max_source_positions`` in general.
+
+    Audio longer than the window (30 s) is trimmed to it with a warning (Whisper's
     window); use :mod:`jaxspeech.attribution` chunking for longer recordings.
     """
-    if not isinstance(wave, jax.core.Tracer) and wave.shape[-1] > frontend.N_SAMPLES:
+    seconds = config.n_samples / frontend.SAMPLE_RATE
+    if not isinstance(wave, jax.core.Tracer) and wave.shape[-1] > config.n_samples:
         warnings.warn(
             f"audio of {wave.shape[-1] / frontend.SAMPLE_RATE:.1f} s is longer than Whisper's "
-            "30 s window; only the first 30 s are used", stacklevel=4)
-    return frontend.log_mel_spectrogram(wave, config.n_mels), {}
+            f"{seconds:g} s window; only the first {seconds:g} s are used", stacklevel=4)
+    return _log_mel(wave, config.n_mels, config.n_samples), {}
 
 
 def tokens_to_features(config: WhisperConfig, layer: str, tokens: jnp.ndarray, shape):
