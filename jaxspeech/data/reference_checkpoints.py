@@ -34,10 +34,11 @@ WHISPER_SIZES = {  # d_model, encoder layers, heads (HF WhisperConfig names)
 
 
 def write_whisper(folder: str | Path, size: str | tuple[int, int, int] = "whisper-tiny", *,
-                  n_mels: int = 80, ffn_dim: int | None = None, seed: int = 0,
-                  perturb: float = 0.0, conditional: bool = False, **save_kwargs):
+                  n_mels: int = 80, ffn_dim: int | None = None, max_source_positions: int = 1500,
+                  seed: int = 0, perturb: float = 0.0, conditional: bool = False, **save_kwargs):
     """An HF ``WhisperModel`` (or ``WhisperForConditionalGeneration``) folder; returns the
-    torch model. ``perturb`` adds that much noise to biases and LayerNorm parameters (HF
+    torch model. ``max_source_positions`` below 1500 gives a shorter window (100: 2 s).
+    ``perturb`` adds that much noise to biases and LayerNorm parameters (HF
     initialises them to 0 / 1, which hides mistakes in their handling). ``save_kwargs``
     go to ``save_pretrained`` (``safe_serialization``, ``max_shard_size``)."""
     import torch
@@ -49,6 +50,7 @@ def write_whisper(folder: str | Path, size: str | tuple[int, int, int] = "whispe
     cfg = WhisperConfig(num_mel_bins=n_mels, d_model=d, encoder_layers=layers,
                         encoder_attention_heads=heads, encoder_ffn_dim=ffn, decoder_layers=1,
                         decoder_attention_heads=heads, decoder_ffn_dim=ffn, vocab_size=64,
+                        max_source_positions=max_source_positions,
                         pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
     model = (WhisperForConditionalGeneration if conditional else WhisperModel)(cfg).eval()
     if perturb:
