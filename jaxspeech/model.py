@@ -61,6 +61,18 @@ class Family:
     time_axis: int = -1
     hop_length: Callable[[Any], int] = lambda config: 160
     tokens_to_features: Callable[..., jnp.ndarray] | None = None
+    # Where each attention map's rows and columns sit among the tokens, for rollout:
+    # ``attention_geometry(config)`` -> one ``(map name, block output name, windows [W, n],
+    # sources [T, k] | None)`` per map in forward order (windows: the token in each
+    # query/key slot of each window, -1 = padding; sources: the previous map's tokens each
+    # token was merged from). None: every map is full attention [B, heads, T, T] over one
+    # token sequence (Whisper); see ``jaxspeech.models.clap.AttentionGeometry``.
+    attention_geometry: Callable[[Any], tuple] | None = None
+    # ``waveform_relevance(config, relevance [features' layout], n_samples [B])`` ->
+    # ``[B, samples]``: relevance pulled back to each clip's samples where frames are not
+    # simply consecutive hops of the clip (CLAP's repeat padding, crops, fusion's
+    # channels). None: each frame's relevance spread over its hop.
+    waveform_relevance: Callable[..., jnp.ndarray] | None = None
 
 
 _FAMILIES: dict[str, Family] = {}

@@ -62,8 +62,18 @@ class Attribution:
 
     def to_waveform(self, n_samples: int | None = None) -> jnp.ndarray:
         """``[B, samples]``: each frame's relevance spread evenly over the ``hop_length``
-        samples it stands for (conserves the total; frames past the audio are dropped)."""
-        hop = self.model.family.hop_length(self.model.config)
+        samples it stands for (frames past the audio are dropped). Where a front end does
+        not lay frames end to end over the clip (CLAP's repeat padding, crops and fusion),
+        the family's ``waveform_relevance`` traces them back to the clip's own samples."""
+        family = self.model.family
+        if family.waveform_relevance is not None:
+            sizes = n_samples if n_samples is not None else self.extras.get("n_samples")
+            if sizes is None:
+                raise ValueError(f"{self.model.kind} needs n_samples= (each clip's length) to "
+                                 "pull relevance back to the waveform")
+            return family.waveform_relevance(self.model.config, self.relevance, sizes,
+                                             crops=self.extras.get("crops"))
+        hop = family.hop_length(self.model.config)
         per_frame = self.frames() / hop
         wave = jnp.repeat(per_frame, hop, axis=-1)
         if n_samples is None and self.wave is not None:
@@ -173,6 +183,11 @@ def attribute(
         relevance = to_features(config, layer, tokens, features.shape)
     if method in LRP_METHODS:
         extras["conservation"] = relevance.sum(axis=tuple(range(1, relevance.ndim))) / score
+    if wave is not None:  # each clip's own length, for to_waveform
+        extras["n_samples"] = np.asarray([np.shape(c)[-1] for c in wave]) \
+            if isinstance(wave, (list, tuple)) else np.full(len(_as_array(wave)), np.shape(wave)[-1])
+    if prepare_options.get("crops") is not None:
+        extras["crops"] = prepare_options["crops"]
     return Attribution(relevance, score, features, method, target.name, model,
                        wave=None if wave is None else jnp.asarray(_as_array(wave)), extras=extras)
 

@@ -27,7 +27,8 @@ Image rows are (time chunk, frequency) and columns time within the chunk: the
 8x8 grid of the last stage is 4 chunks x 2 frequency bins by 8 time steps
 (:func:`tokens_to_features` lays any token map back over the features). Windows are
 numbered row-major over the grid, as HF's ``window_partition``; shifted blocks see
-the grid rolled by (-4, -4).
+the grid rolled by (-4, -4); :func:`attention_geometry` gives rollout each map's
+windows, shifts and merges as token indices.
 Parameter paths mirror the PyTorch names
 (``audio_model.audio_encoder.layers.0.blocks.1.attention.self.query.kernel``); the
 quoted names are the intermediates ``Model.forward`` returns, prefixed with
@@ -41,6 +42,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -242,6 +244,25 @@ def shifted_window_mask(h: int, w: int, ws: int, shift: int) -> np.ndarray:
     return np.where(diff != 0, -100.0, 0.0).astype(np.float32)
 
 
+def window_and_shift(h: int, w: int, window_size: int, shift: int) -> tuple[int, int]:
+    """The window and shift a block on an ``h x w`` grid really uses: one window covering
+    the grid and no shift once the grid is no larger than a window (HF's
+    ``set_shift_and_window_size``)."""
+    if min(h, w) <= window_size:
+        return min(h, w), 0
+    return window_size, shift
+
+
+def merge_neighbours(x, fill=0):
+    """Patch merging's regrouping ``[B, H, W, C]`` -> ``[B, ⌈H/2⌉, ⌈W/2⌉, 4C]``: the 2x2
+    neighbours (0,0), (1,0), (0,1), (1,1) side by side, odd sizes padded with ``fill``."""
+    h, w = x.shape[1], x.shape[2]
+    if h % 2 or w % 2:
+        x = jnp.pad(x, [(0, 0), (0, h % 2), (0, w % 2), (0, 0)], constant_values=fill)
+    return jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2],
+                            x[:, 1::2, 1::2]], axis=-1)
+
+
 # --- modules ----------------------------------------------------------------------------
 
 class WindowAttention(nn.Module):
@@ -270,8 +291,7 @@ class WindowAttention(nn.Module):
                              (2, 0, 1))[None]  # [1, heads, n, n]
         if mask is not None:  # the same -100 mask for every head: [windows, 1, n, n]
             bias = bias + jnp.asarray(mask)[:, None]
-        probs = self.perturb("attention", lrp.attention_weights(scores + bias[None], r))
-        self.sow("intermediates", "attention", probs)
+        probs = layers.tap(self, "attention", lrp.attention_weights(scores + bias[None], r))
         context = lrp.bilinear("bwhqk,bwhkd->bwhqd", probs, v, r)
         context = context.transpose(0, 1, 3, 2, 4).reshape(b, nw, n, c)
         return layers.Dense(c, rules=self.rules, name="output.dense")(context)
@@ -290,9 +310,7 @@ class SwinBlock(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         cfg, r = self.config, layers.rules_at(self, self.rules)
         _, h, w, c = x.shape
-        ws, shift = cfg.window_size, self.shift
-        if min(h, w) <= ws:  # one window covers the grid: no shift (HF set_shift_and_window_size)
-            ws, shift = min(h, w), 0
+        ws, shift = window_and_shift(h, w, cfg.window_size, self.shift)
         y = layers.LayerNorm(cfg.layer_norm_eps, rules=self.rules, name="layernorm_before")(x)
         pad_h, pad_w = (-h) % ws, (-w) % ws
         if pad_h or pad_w:
@@ -311,9 +329,8 @@ class SwinBlock(nn.Module):
         y = layers.Dense(int(cfg.mlp_ratio * c), rules=self.rules, name="intermediate.dense")(y)
         x = x + layers.Dense(c, rules=self.rules, name="output.dense")(layers.gelu(y, r))
         # Sown as HF's token sequence [B, H*W, C] (row-major over the grid), the
-        # [batch, tokens, width] layout the attribution targets expect.
-        seq = self.perturb("hidden_state", x.reshape(x.shape[0], h * w, c))
-        self.sow("intermediates", "hidden_state", seq)
+        # [batch, tokens, width] layout the attribution targets and Grad-CAM expect.
+        seq = layers.tap(self, "hidden_state", x.reshape(x.shape[0], h * w, c))
         return seq.reshape(x.shape)
 
 
@@ -324,11 +341,8 @@ class PatchMerging(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        _, h, w, c = x.shape
-        if h % 2 or w % 2:
-            x = jnp.pad(x, [(0, 0), (0, h % 2), (0, w % 2), (0, 0)])
-        x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2],
-                             x[:, 1::2, 1::2]], axis=-1)
+        c = x.shape[-1]
+        x = merge_neighbours(x)
         x = layers.LayerNorm(rules=self.rules, name="norm")(x)
         return layers.Dense(2 * c, use_bias=False, rules=self.rules, name="reduction")(x)
 
@@ -430,14 +444,13 @@ class HTSATEncoder(nn.Module):
         for i, depth in enumerate(cfg.depths):
             dim, heads = cfg.stage_dim(i), cfg.num_attention_heads[i]
             for j in range(depth):
-                shift = cfg.window_size // 2 if j % 2 else 0
-                x = block(cfg, dim, heads, shift, self.rules, name=f"layers.{i}.blocks.{j}")(x)
+                x = block(cfg, dim, heads, block_shift(cfg, j), self.rules,
+                          name=f"layers.{i}.blocks.{j}")(x)
             if i < len(cfg.depths) - 1:
                 x = PatchMerging(self.rules, name=f"layers.{i}.downsample")(x)
         x = layers.LayerNorm(rules=self.rules, name="norm")(x)
         b, gh, gw, c = x.shape
-        x = self.perturb("last_hidden_state", x.reshape(b, gh * gw, c))
-        self.sow("intermediates", "last_hidden_state", x)
+        x = layers.tap(self, "last_hidden_state", x.reshape(b, gh * gw, c))
         # HF regroups the grid to (frequency, time) before AdaptiveAvgPool1d; a mean over
         # every token does not depend on the order.
         pooled = jnp.mean(x, axis=1)
@@ -497,32 +510,186 @@ def prepare(config: ClapConfig, wave: jnp.ndarray, lengths=None, *, key: jax.Arr
     return features, {"is_longer": is_longer}
 
 
+# --- token geometry: where tokens sit over the features, and how attention moves them -------
+
+def block_shift(config: ClapConfig, j: int) -> int:
+    """The cyclic shift block ``j`` of a stage asks for: none on even blocks, half a window
+    on odd ones (before :func:`window_and_shift` adapts it to the grid)."""
+    return config.window_size // 2 if j % 2 else 0
+
+
+def stage_grids(config: ClapConfig) -> list[tuple[int, int]]:
+    """``[(H, W)]`` of the token grid of each stage (patch merging halves it, rounding up)."""
+    h, w = config.grid_size
+    grids = []
+    for _ in config.depths:
+        grids.append((h, w))
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return grids
+
+
+class AttentionGeometry(NamedTuple):
+    """One attention map as rollout sees it (``Family.attention_geometry``).
+
+    ``name``: the map's intermediate, ``[B, W, heads, n, n]``; ``output``: the block's
+    output intermediate ``[B, H*W, C]``. ``windows [W, n]``: the token (row-major over the
+    block's ``H x W`` grid) in query/key slot ``i`` of window ``w``, -1 for a padding
+    slot. ``sources [H*W, 4] | None``: the tokens of the previous map's grid that each
+    token of this grid was merged from (patch merging's 2x2 neighbours, -1 for padding);
+    ``None`` when the grid is the previous map's.
+    """
+
+    name: str
+    output: str
+    windows: np.ndarray
+    sources: np.ndarray | None
+
+
+@functools.lru_cache(maxsize=16)
+def attention_geometry(config: ClapConfig) -> tuple[AttentionGeometry, ...]:
+    """Every attention map of the encoder in forward order, with the windows, shifts and
+    merges the blocks apply, derived by running the blocks' own regrouping
+    (:func:`window_partition`, the cyclic roll, :func:`merge_neighbours`) on a grid of
+    token indices instead of activations."""
+    enc = "audio_model.audio_encoder."
+    out, sources = [], None
+    for i, ((h, w), depth) in enumerate(zip(stage_grids(config), config.depths, strict=True)):
+        tokens = np.arange(h * w).reshape(h, w)
+        for j in range(depth):
+            ws, shift = window_and_shift(h, w, config.window_size, block_shift(config, j))
+            grid = np.pad(tokens, [(0, (-h) % ws), (0, (-w) % ws)], constant_values=-1)
+            if shift:
+                grid = np.roll(grid, (-shift, -shift), axis=(0, 1))
+            windows = np.asarray(window_partition(grid[None, :, :, None], ws))[0, :, :, 0]
+            out.append(AttentionGeometry(f"{enc}layers.{i}.blocks.{j}.attention.attention",
+                                         f"{enc}layers.{i}.blocks.{j}.hidden_state", windows,
+                                         sources))
+            sources = None
+        merged = np.asarray(merge_neighbours(tokens[None, :, :, None], fill=-1))[0]
+        sources = merged.reshape(-1, 4)
+    return tuple(out)
+
+
 @functools.lru_cache(maxsize=16)
 def token_index(config: ClapConfig, n_tokens: int, n_frames: int) -> np.ndarray:
-    """``[n_frames, num_mel_bins]``: the token of an ``n_tokens`` grid (any stage) that
-    covers each feature cell, following the time stretch to 1024 frames (nearest) and
-    the fold into the square image."""
-    side = math.isqrt(n_tokens)
+    """``[channels, n_frames, num_mel_bins]`` int: the token of a stage's grid (the stage
+    whose grid has ``n_tokens`` tokens) that each feature cell feeds, -1 for none.
+
+    A cell (frame t, mel f) of any channel sits at the stretched frame s to which the
+    bicubic stretch to 1024 frames gives most of its weight (the one nearest to
+    t · 1023 / (n_frames - 1), where the stretch samples frame t exactly; s = t at 1024
+    frames), hence at image pixel
+    (row (s // 256) · 64 + f, column s % 256) of the fold. Channel 0 reaches patch
+    (row // stride_h, column // stride_w) of ``proj``. Fusion's crop channels k = 1..3 each
+    reach patch (row // stride_h, (k - 1) · G + column // (3 · stride_w)) of ``mel_conv2d``
+    (G of its patches per crop side by side; the image columns past G · 3 · stride_w and
+    the columns past the grid are cut). Patch merging takes stage-0 token (r, c) to
+    (r >> s, c >> s) at stage s.
+    """
+    grids = stage_grids(config)
+    sizes = [h * w for h, w in grids]
+    if n_tokens not in sizes:
+        raise ValueError(f"a map over {n_tokens} tokens is not one of this CLAP model's stage grids "
+                         f"({', '.join(f'{h}x{w}={h * w}' for h, w in grids)} tokens)")
+    stage = sizes.index(n_tokens)
     width = config.spec_size * config.freq_ratio
-    if side * side != n_tokens or config.spec_size % side:
-        raise ValueError(f"{n_tokens} tokens is not a square grid of this CLAP model")
     chunk = width // config.freq_ratio
-    t = np.rint(np.arange(n_frames) * (width - 1) / max(n_frames - 1, 1)).astype(int)
+    if n_frames > width or n_frames < 1:
+        raise ValueError(f"CLAP features have 1..{width} frames, got {n_frames}")
+    s = np.arange(n_frames)
+    if n_frames < width:  # the stretched frame each frame gives most weight to (ties: the first)
+        index, weight = frontend.resize_weights(n_frames, width, "bicubic")
+        stretch = np.zeros((width, n_frames), np.float32)
+        np.add.at(stretch, (np.repeat(np.arange(width), index.shape[1]), index.reshape(-1)),
+                  weight.reshape(-1))
+        s = stretch.argmax(0)
     f = np.arange(config.num_mel_bins)
-    rows = (t // chunk)[:, None] * config.num_mel_bins + f[None, :]
-    cols = np.broadcast_to((t % chunk)[:, None], rows.shape)
-    cell = config.spec_size // side
-    return (rows // cell) * side + cols // cell
+    rows = np.broadcast_to((s // chunk)[:, None] * config.num_mel_bins + f[None, :],
+                           (n_frames, config.num_mel_bins))
+    cols = np.broadcast_to((s % chunk)[:, None], rows.shape)
+    (gh, gw), (sh, sw) = grids[0], config.patch_stride
+    ph, pw = config.patch_size
+    pad_w = (pw - sw) // 2
+    channels = [(rows // sh, cols // sw)]
+    if config.enable_fusion:  # mel_conv2d: 3x wider patches and strides, same padding
+        per_crop = (config.spec_size + 2 * pad_w - 3 * pw) // (3 * sw) + 1
+        j = cols // (3 * sw)
+        for k in range(3):
+            channels.append((rows // sh, np.where(j < per_crop, k * per_crop + j, gw)))
+    side = grids[stage][1]
+    return np.stack([np.where((r0 < gh) & (c0 < gw), (r0 >> stage) * side + (c0 >> stage), -1)
+                     for r0, c0 in channels])
 
 
 def tokens_to_features(config: ClapConfig, layer: str, tokens: jnp.ndarray, shape) -> jnp.ndarray:
-    """``[B, H*W]`` (one value per token of a stage's grid) -> ``shape`` ``[B, C, T, mels]``.
+    """``[B, H*W]`` (one value per token of a stage's grid) -> ``shape`` ``[B, C, T, mels]``:
+    each feature cell gets the value of the token it feeds (:func:`token_index`), 0 where
+    it feeds none (fusion crop columns that ``mel_conv2d`` cuts).
 
-    The map follows channel 0's layout (the clip itself, or for fusion its shrunk
-    whole); fusion's crop channels get the same map."""
+    Fused models: channel 0 (the whole clip) feeds ``proj``, channels 1-3 (the crops)
+    feed ``mel_conv2d`` at the same token positions. Items run with ``is_longer`` False
+    ignore their crop channels; the map there is what the tokens would take from them."""
+    if len(shape) != 4 or shape[1] != config.in_channels:
+        raise ValueError(f"CLAP features are [batch, {config.in_channels}, frames, "
+                         f"{config.num_mel_bins}], got {tuple(shape)}")
     index = token_index(config, int(tokens.shape[-1]), int(shape[2]))
-    cells = tokens[:, index.reshape(-1)].reshape(tokens.shape[0], 1, shape[2], shape[3])
-    return jnp.broadcast_to(cells, tuple(shape))
+    padded = jnp.concatenate([tokens, jnp.zeros_like(tokens[:, :1])], axis=1)
+    return padded[:, np.where(index < 0, tokens.shape[-1], index)]
+
+
+def waveform_relevance(config: ClapConfig, relevance, n_samples, *, crops=None) -> jnp.ndarray:
+    """``relevance [B, C, T, 64]`` over the features of clips of ``n_samples`` (an int or
+    ``[B]``) samples -> ``[B, max n_samples]`` over each clip's own samples.
+
+    Each frame's relevance is spread evenly over the 480 samples from ``480 t`` on of the
+    signal it analysed (the convention of ``Attribution.to_waveform``), and that signal's
+    samples are traced back to the clip's, as the front end built it
+    (:mod:`jaxspeech.frontends.clap`): a short clip's repeats (``repeatpad``,
+    ``repeat``) fold back onto the clip and zero padding gives to nothing; a
+    ``rand_trunc`` crop sits at its offset; fusion's channel 0 (the whole clip's mel
+    shrunk to 1001 frames) shares each frame between the frames it was interpolated from,
+    by the bilinear weights, and its crop channels sit at their frame offsets (short fused
+    clips: 4 copies of one signal, summed). Relevance past the clip is dropped, the rest
+    is kept. ``crops``: as :func:`prepare` took them (``None``: its key-less crops; crops
+    drawn with a key must be passed to be placed right).
+    """
+    relevance = jnp.asarray(relevance)
+    if relevance.ndim != 4 or relevance.shape[1] != config.in_channels:
+        raise ValueError(f"CLAP relevance is [batch, {config.in_channels}, frames, "
+                         f"{config.num_mel_bins}], got {tuple(relevance.shape)}")
+    batch, hop = relevance.shape[0], frontend.HOP_LENGTH
+    sizes = np.broadcast_to(np.asarray(n_samples, np.int64), (batch,))
+    crops = None if crops is None else np.asarray(crops, np.int64).reshape(batch, -1)
+    per_frame = relevance.sum(axis=-1)  # [B, C, T]
+    out = []
+    for b, n in enumerate(int(v) for v in sizes):
+        whole_mel = config.truncation == "fusion" and frontend.n_frames(n) == frontend.CHUNK_FRAMES
+        if n <= frontend.MAX_SAMPLES or whole_mel:
+            # the analysed signal's samples as clip sample numbers + 1 (0: padding)
+            code = np.arange(1, n + 1) if whole_mel else np.asarray(frontend.pad_short(
+                jnp.arange(1, frontend.MAX_SAMPLES + 1)[None], np.array([n]), config.padding),
+                np.int64)[0]  # exact: float32 holds integers to 2**24
+            frames = per_frame[b].sum(axis=0)  # fusion: 4 copies of one signal
+        elif config.truncation == "rand_trunc":
+            start = int(frontend.deterministic_crops(n, "rand_trunc")[0] if crops is None
+                        else crops[b, 0])
+            code = start + np.arange(1, frontend.MAX_SAMPLES + 1)
+            frames = per_frame[b, 0]
+        else:  # fusion, longer than 10 s: frames of the whole clip's mel
+            total = frontend.n_frames(n)
+            starts = frontend.deterministic_crops(n, "fusion") if crops is None else crops[b]
+            index, weight = frontend.resize_weights(total, frontend.CHUNK_FRAMES, "bilinear")
+            frames = jnp.zeros(total, relevance.dtype).at[index.reshape(-1)].add(
+                (per_frame[b, 0][:, None] * jnp.asarray(weight)).reshape(-1))
+            for k in range(3):
+                frames = frames.at[int(starts[k]) + np.arange(per_frame.shape[-1])].add(
+                    per_frame[b, k + 1])
+            code = np.arange(1, n + 1)
+        samples = jnp.repeat(frames / hop, hop)[:code.size]
+        code = code[:samples.shape[0]]
+        clip = jnp.zeros(n + 1, relevance.dtype).at[code].add(samples)[1:]
+        out.append(jnp.pad(clip, (0, int(sizes.max()) - n)))
+    return jnp.stack(out)
 
 
 def example_features(config: ClapConfig, batch: int):
@@ -542,4 +709,6 @@ FAMILY = register_family(Family(
     time_axis=2,
     hop_length=lambda config: frontend.HOP_LENGTH,
     tokens_to_features=tokens_to_features,
+    attention_geometry=attention_geometry,
+    waveform_relevance=waveform_relevance,
 ))
