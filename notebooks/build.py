@@ -342,12 +342,14 @@ SPEAKER = [
         scores = np.asarray(held.score)
         sums = np.asarray(held.relevance.sum(axis=(1, 2)))
         ratio = np.asarray(held.extras["conservation"])
-        cosine = lambda a, b: (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+        def cosine(a, b):
+            return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
         assert np.allclose(scores, cosine(clip_emb[which], references), atol=1e-5)  # the plain cosine
 
         lines = ["| explained vs reference | score | summed relevance | ratio |", "|---|---|---|---|"]
         lines += [f"| {n} | {s:+.4f} | {r:+.4f} | {q:.3f} |"
-                  for n, s, r, q in zip(names, scores, sums, ratio)]
+                  for n, s, r, q in zip(names, scores, sums, ratio, strict=True)]
         display(Markdown("\\n".join(lines)))
         real = slice(0, len(pairs))
         slope = float(scores @ sums / (scores @ scores))
@@ -439,10 +441,11 @@ CLAP = [
         assert np.allclose(probs, same, atol=1e-6)
 
         lines = ["| clip | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-        lines += [f"| {n} | " + " | ".join(f"{p:.3f}" for p in row) + " |" for n, row in zip(names, probs)]
+        lines += [f"| {n} | " + " | ".join(f"{p:.3f}" for p in row) + " |"
+                  for n, row in zip(names, probs, strict=True)]
         display(Markdown("\\n".join(lines)))
         top = probs.argmax(axis=1)
-        for n, k in zip(names, top):
+        for n, k in zip(names, top, strict=True):
             print(f"{n}: top label {labels[k]!r}")
     '''),
     md('''
