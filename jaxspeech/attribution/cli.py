@@ -64,8 +64,10 @@ def parse_target(spec: str | None, model, checkpoint: str):
     if kind == "layer-norm":
         return t.layer_norm(arg)
     if kind == "cosine":
-        reference = model(audio.read(arg, model.sample_rate))
-        return t.cosine_similarity(np.asarray(reference)[0])
+        reference = np.asarray(model(audio.read(arg, model.sample_rate)))[0]
+        # a sequence output (Whisper [frames, d_model]) is pooled over frames, as the target
+        # pools the explained item's output
+        return t.cosine_similarity(reference.reshape(-1, reference.shape[-1]).mean(axis=0))
     if kind == "text":
         from jaxspeech.clap_text import clap_text_embeddings
 
