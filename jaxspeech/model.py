@@ -222,6 +222,16 @@ class Model:
             options.pop("lengths", None)
         return self.family.prepare(self.config, batch, lengths, **options)
 
+    def inputs(self, wave=None, features=None, *, sample_rate: int | None = None, **options):
+        """``(features, apply_kwargs)`` from a waveform (validated, then the front end) or
+        from precomputed ``features`` (front-end options become the apply kwargs)."""
+        if features is not None:
+            return jnp.asarray(features), {k: jnp.asarray(v) for k, v in options.items()
+                                           if v is not None}
+        if wave is None:
+            raise ValueError("give a waveform (wave=...) or precomputed features (features=...)")
+        return self.prepare(wave, sample_rate=sample_rate, **options)
+
     def features(self, wave, *, sample_rate: int | None = None, **options):
         """``wave [B, samples]`` (or ``[samples]``, or a list of clips) -> model input."""
         return self.prepare(wave, sample_rate=sample_rate, **options)[0]

@@ -132,13 +132,7 @@ def attribute(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     params = model.params if params is None else params
-    if features is None:
-        if wave is None:
-            raise ValueError("give a waveform (wave=...) or precomputed features (features=...)")
-        features, kwargs = model.prepare(wave, sample_rate=sample_rate, **prepare_options)
-    else:
-        features = jnp.asarray(features)
-        kwargs = {k: jnp.asarray(v) for k, v in prepare_options.items() if v is not None}
+    features, kwargs = model.inputs(wave, features, sample_rate=sample_rate, **prepare_options)
     target = targets.default(model) if target is None else target
     config = model.config
     extras: dict[str, Any] = {}

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxspeech.attribution import targets as _targets
@@ -243,13 +242,7 @@ def evaluate(
     ``ssim``, ``absolute``: see :func:`mprt`).
     """
     params = model.params if params is None else params
-    if features is None:
-        if wave is None:
-            raise ValueError("give a waveform (wave=...) or precomputed features (features=...)")
-        x, kwargs = model.prepare(wave, sample_rate=sample_rate, **prepare_options)
-    else:
-        x = jnp.asarray(features)
-        kwargs = {k: jnp.asarray(v) for k, v in prepare_options.items() if v is not None}
+    x, kwargs = model.inputs(wave, features, sample_rate=sample_rate, **prepare_options)
     time_axis = model.family.time_axis % x.ndim
     if isinstance(valid_frames, str):
         if valid_frames != "auto":
