@@ -1,17 +1,16 @@
 """Attribution on Whisper: forward identity, conservation, LXT and captum agreement, batching."""
 
 import dataclasses
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers.models.whisper.modeling_whisper as hf_whisper
 from transformers import WhisperModel
 
 import jaxspeech as js
+from jaxspeech.attribution.lxt import lxt_whisper_relevance
 from jaxspeech.data.reference_checkpoints import write_whisper
 from jaxspeech.lrp import RULE_SETS
 
@@ -92,28 +91,9 @@ def lxt_relevance(folder, features, direction, cp: bool):
     """AttnLRP / CP-LRP relevance of the transformers encoder with LXT's rule functions
     patched in (as LXT's own model patches do): identity rule on every GELU, LayerNorm with
     a constant std, LXT's attention wrappers (q, k ÷ 4 and v ÷ 2, or q, k detached)."""
-    import lxt.efficient.patches as patches
-    from lxt.efficient.rules import identity_rule_implicit
-
-    gelu = torch.nn.functional.gelu
-    saved = hf_whisper.eager_attention_forward, dict(hf_whisper.ALL_ATTENTION_FUNCTIONS)
-    torch.nn.functional.gelu = lambda x, *a, **k: identity_rule_implicit(gelu, x)
-    try:  # the model is built inside the patch: GELUActivation captures F.gelu at init
-        encoder = WhisperModel.from_pretrained(folder, attn_implementation="eager").encoder.eval()
-        (patches.patch_cp_attention if cp else patches.patch_attention)(hf_whisper)
-        for module in encoder.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.forward = types.MethodType(patches.layer_norm_forward, module)
-        x = torch.from_numpy(features).requires_grad_(True)
-        hidden = encoder(x).last_hidden_state
-        target = hidden[:, FRAMES[0]:FRAMES[-1] + 1].mean(1) @ torch.from_numpy(direction)
-        target.sum().backward()
-        return (x * x.grad).detach().numpy(), target.detach().numpy()
-    finally:
-        torch.nn.functional.gelu = gelu
-        hf_whisper.eager_attention_forward = saved[0]
-        hf_whisper.ALL_ATTENTION_FUNCTIONS.clear()
-        hf_whisper.ALL_ATTENTION_FUNCTIONS.update(saved[1])
+    d = torch.from_numpy(direction)
+    return lxt_whisper_relevance(
+        folder, features, lambda h: h[:, FRAMES[0]:FRAMES[-1] + 1].mean(1) @ d, cp=cp)
 
 
 @pytest.mark.parametrize("method", ["attnlrp", "cp_lrp"])

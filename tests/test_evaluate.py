@@ -335,5 +335,7 @@ def test_cli_prints_table_writes_pngs_and_reports_unsupported(tmp_path, capsys):
                                                            "embed_positions", "conv2", "conv1"]
     assert "| gradcam |" in (out / "table.md").read_text()
 
-    assert main(["evaluate", "default", files[0], "--out", str(out)]) == 2
-    assert "no default model" in capsys.readouterr().err
+    # the shipped model, explained for its own decision (the head's predicted class)
+    assert main(["evaluate", "default", files[0], "--methods", "gradient_x_input", "--no-mprt",
+                 "--steps", "2", "--out", str(out / "default")]) == 0
+    assert "gradient_x_input" in capsys.readouterr().out

@@ -68,6 +68,8 @@ class Attribution:
         family = self.model.family
         if family.waveform_relevance is not None:
             sizes = n_samples if n_samples is not None else self.extras.get("n_samples")
+            if sizes is None and self.wave is not None:
+                sizes = np.shape(self.wave)[-1]
             if sizes is None:
                 raise ValueError(f"{self.model.kind} needs n_samples= (each clip's length) to "
                                  "pull relevance back to the waveform")

@@ -162,14 +162,23 @@ def _gradcam(config, params, x, kwargs, target, layer, path, zeros, remat=False)
         return s.sum(), (s, inter[layer])
 
     g, (s, acts) = jax.grad(f, has_aux=True)(zeros)
-    weights = g.mean(axis=1, keepdims=True)  # [B, 1, C]: mean gradient per channel
-    cam = jax.nn.relu((acts * weights).sum(-1))  # [B, T]
-    return cam, s
+    if kwargs.get("lengths") is None:
+        weights = g.mean(axis=1, keepdims=True)  # [B, 1, C]: mean gradient per channel
+        return jax.nn.relu((acts * weights).sum(-1)), s  # [B, T]
+    # padded items: the mean runs over the item's own frames and its padding gets no
+    # map, so an item gives the map it gives alone (the frames keep the layer's rate)
+    valid = (jnp.arange(acts.shape[1], dtype=jnp.float32)[None, :]
+             < kwargs["lengths"].astype(jnp.float32)[:, None] * jnp.float32(acts.shape[1]))
+    m = valid[:, :, None].astype(g.dtype)
+    weights = (g * m).sum(axis=1, keepdims=True) / m.sum(axis=1, keepdims=True)
+    return jax.nn.relu((acts * weights).sum(-1)) * m[:, :, 0], s
 
 
 def gradcam(config, params, x, kwargs, target, layer: str, remat=False):
     """Selvaraju et al. 2017 on a ``[B, T, C]`` layer output: ``relu(Σ_c mean_t(∂f/∂A_c) A_c)``.
-    Returns ``(cam [B, T], score [B])``."""
+    Returns ``(cam [B, T], score [B])``. With relative ``lengths [B]`` in ``kwargs``
+    (ECAPA; SpeechBrain's convention, frame ``t`` valid when ``t < lengths * T``) the mean
+    is over each item's valid frames and the padding's map is 0."""
     paths = layer_paths(config, x, kwargs)
     if layer not in paths:
         raise ValueError(unknown_layer_message(layer, [n for n in paths
@@ -183,15 +192,29 @@ def gradcam(config, params, x, kwargs, target, layer: str, remat=False):
 
 
 # --- attention rollout ---------------------------------------------------------------------
+#
+# Rollout multiplies per-layer token-to-token matrices. They are never built: a row vector
+# over the explained output tokens is carried back through the layers with vector-matrix
+# products. The family says where each map's rows and columns sit among the tokens
+# (``Family.attention_geometry``): full attention over one sequence (Whisper), or windows
+# of a grid with cyclic shifts and patch merging between stages (CLAP's Swin).
 
 def attention_layers(config, x, kwargs) -> list[str]:
-    """The attention maps of the model in layer order (``"layers.3.self_attn.attention"``)."""
-    names = [n for n in layer_paths(config, x, kwargs) if n.endswith(".attention")]
+    """The self-attention maps of the model in layer order (``"layers.3.self_attn.attention"``):
+    intermediates named ``*.attention`` that are square over their last two axes
+    (``[B, heads, T, T]`` or windowed ``[B, W, heads, n, n]``)."""
+    return _attention_names(layer_paths(config, x, kwargs))
+
+
+def _attention_names(paths) -> list[str]:
+    def square(name):
+        shape = paths[name][1].shape
+        return len(shape) in (4, 5) and shape[-1] == shape[-2]
 
     def order(name):
         return [int(t) if t.isdigit() else t for t in re.split(r"[.]", name)]
 
-    return sorted(names, key=order)
+    return sorted((n for n in paths if n.endswith(".attention") and square(n)), key=order)
 
 
 def _rows(target: Target, tokens: int, batch: int) -> jnp.ndarray:
@@ -206,25 +229,107 @@ def _rows(target: Target, tokens: int, batch: int) -> jnp.ndarray:
     return mask / jnp.maximum(mask.sum(-1, keepdims=True), 1)
 
 
+def _rollout_layers(config, paths, target: Target) -> tuple[str, ...]:
+    """The maps rollout goes through, in forward order: all of them, or with a family
+    geometry those up to the block whose output the target reads (later blocks cannot
+    change it, and the explained rows live on that block's tokens). ``paths``: as
+    :func:`layer_paths` gives them."""
+    names = _attention_names(paths)
+    _require_attention(config, names)
+    hook = family_of(config).attention_geometry
+    if hook is None:
+        return tuple(names)
+    geometry = hook(config)
+    ordered = [g[0] for g in geometry]
+    if sorted(ordered) != sorted(names):
+        raise ValueError(f"{family_of(config).name}'s attention geometry names {ordered} but the "
+                         f"model sows {names}")
+    outputs = [g[1] for g in geometry]
+    if target.layer in outputs:
+        ordered = ordered[:outputs.index(target.layer) + 1]
+    return tuple(ordered)
+
+
+def _geometry(config, names) -> list[tuple[np.ndarray | None, np.ndarray | None]]:
+    """``(windows [W, n] | None, sources [T, k] | None)`` of each map (None: full attention)."""
+    hook = family_of(config).attention_geometry
+    if hook is None:
+        return [(None, None)] * len(names)
+    table = {g[0]: (np.asarray(g[2]), None if g[3] is None else np.asarray(g[3]))
+             for g in hook(config)}
+    return [table[n] for n in names]
+
+
+def _windowed(a: jnp.ndarray) -> jnp.ndarray:
+    """A map as ``[B, W, heads, n, n]`` (full attention is one window)."""
+    return a[:, None] if a.ndim == 4 else a
+
+
+def _n_tokens(a: jnp.ndarray, windows: np.ndarray | None) -> int:
+    return a.shape[-1] if windows is None else int((windows >= 0).sum())
+
+
+def _times_windows(v: jnp.ndarray, m: jnp.ndarray, windows: np.ndarray | None) -> jnp.ndarray:
+    """``v [B, T]`` times the ``T x T`` block matrix whose blocks are the windows' ``m
+    [B, W, n, n]`` placed at the tokens ``windows [W, n]`` (rows and columns): gather the
+    tokens into their window slots, multiply each window, read each token back from its
+    slot. Weight that reaches a padding slot is dropped (it belongs to no token)."""
+    if windows is None:
+        return jnp.einsum("bi,bij->bj", v, m[:, 0])
+    t, flat = v.shape[1], windows.reshape(-1)
+    slots = np.where(flat < 0, t, flat)  # padding slots read a zero appended to v
+    vw = jnp.pad(v, ((0, 0), (0, 1)))[:, slots].reshape((v.shape[0],) + windows.shape)
+    out = jnp.einsum("bwi,bwij->bwj", vw, m).reshape(v.shape[0], -1)
+    slot_of = np.empty(t, np.int64)  # every token sits in exactly one slot
+    slot_of[flat[flat >= 0]] = np.flatnonzero(flat >= 0)
+    return out[:, slot_of]
+
+
+def _unmerge(v: jnp.ndarray, sources: np.ndarray | None, previous: int) -> jnp.ndarray:
+    """``v [B, T]`` over merged tokens -> ``[B, previous]``: each merged token's weight spread
+    evenly over the tokens it was made of (``sources [T, k]``, -1 = padding), so the
+    total is kept."""
+    if sources is None:
+        return v
+    valid = sources >= 0
+    share = v / jnp.asarray(valid.sum(-1), v.dtype)[None, :]
+    index = np.where(valid, sources, previous).reshape(-1)
+    spread = jnp.repeat(share, sources.shape[1], axis=1) * jnp.asarray(valid.reshape(-1), v.dtype)[None]
+    return jnp.zeros((v.shape[0], previous + 1), v.dtype).at[:, index].add(spread)[:, :previous]
+
+
+def _roll_back(v, mats, geometry, step):
+    """Carry ``v`` (over the last map's tokens) back to the first map's tokens:
+    ``v ← step(v, mat, windows)`` at each map, un-merging between stages."""
+    for i in reversed(range(len(mats))):
+        windows, sources = geometry[i]
+        v = step(v, mats[i], windows)
+        if i:
+            v = _unmerge(v, sources, _n_tokens(mats[i - 1], geometry[i - 1][0]))
+    return v
+
+
 @functools.partial(jax.jit, static_argnames=("config", "names", "remat"))
 def _rollout(config, params, x, kwargs, target, names, remat=False):
     s, _, inter = score(config, params, x, kwargs, target, remat=remat)
-    maps = [inter[n] for n in names]
-    b, _, t, _ = maps[0].shape
+    geometry = _geometry(config, names)
+    mats = []
+    for n in names:
+        a = _windowed(inter[n]).mean(axis=2)  # [B, W, n, n], heads averaged
+        size = a.shape[-1]
+        a = 0.5 * a + 0.5 * jnp.eye(size)[None, None]
+        mats.append(a / a.sum(axis=-1, keepdims=True))
     # rows · Â_L ⋯ Â_1, multiplied from the left: vector-matrix products, never T x T x T
-    v = _rows(target, t, b)
-    for a in reversed(maps):
-        a = 0.5 * a.mean(axis=1) + 0.5 * jnp.eye(t)[None]
-        a = a / a.sum(axis=-1, keepdims=True)
-        v = jnp.einsum("bi,bij->bj", v, a)
-    return v, s
+    v = _rows(target, _n_tokens(mats[-1], geometry[-1][0]), x.shape[0])
+    return _roll_back(v, mats, geometry, _times_windows), s
 
 
 def rollout(config, params, x, kwargs, target, remat=False):
     """Abnar & Zuidema 2020: head-averaged attention with the residual (0.5·A + 0.5·I),
-    row-normalised and multiplied through the layers. Returns ``(tokens [B, T], score)``."""
-    names = tuple(attention_layers(config, x, kwargs))
-    _require_attention(config, names)
+    row-normalised and multiplied through the layers (window by window for windowed
+    attention; patch merging spreads a token's weight evenly over its sources).
+    Returns ``(tokens [B, T], score)``, T the first attention layer's tokens."""
+    names = _rollout_layers(config, layer_paths(config, x, kwargs), target)
     return _rollout(config, params, x, kwargs, target, names, remat)
 
 
@@ -243,21 +348,20 @@ def _gradient_rollout(config, params, x, kwargs, target, names, paths, zeros, re
 
     grads, (s, maps) = jax.grad(f, has_aux=True)(perturb)
     flat_grads = [functools.reduce(lambda node, k: node[k], path, grads) for path in paths]
-    b, _, t, _ = maps[0].shape
+    geometry = _geometry(config, names)
+    cams = [jax.nn.relu(_windowed(g) * _windowed(a)).mean(axis=2)
+            for a, g in zip(maps, flat_grads, strict=True)]
     # R = (I + Ā_L) ⋯ (I + Ā_1); rows · R from the left, as vector-matrix products
-    v = _rows(target, t, b)
-    for a, g in reversed(list(zip(maps, flat_grads, strict=True))):
-        cam = jax.nn.relu(g * a).mean(axis=1)
-        v = v + jnp.einsum("bi,bij->bj", v, cam)
-    return v, s
+    v = _rows(target, _n_tokens(cams[-1], geometry[-1][0]), x.shape[0])
+    return _roll_back(v, cams, geometry, lambda v_, c, w: v_ + _times_windows(v_, c, w)), s
 
 
 def gradient_rollout(config, params, x, kwargs, target, remat=False):
     """Chefer et al. 2021 (generic attention explainability): ``R ← R + E_h[(∇A ⊙ A)⁺] R``
-    from ``R = I`` through the layers. Returns ``(tokens [B, T], score)``."""
+    from ``R = I`` through the layers (per window for windowed attention; patch merging
+    spreads a token's weight evenly over its sources). Returns ``(tokens [B, T], score)``."""
     paths = layer_paths(config, x, kwargs)
-    names = tuple(attention_layers(config, x, kwargs))
-    _require_attention(config, names)
+    names = _rollout_layers(config, paths, target)
     specs = [paths[n] for n in names]
     return _gradient_rollout(config, params, x, kwargs, target, names,
                              tuple(p for p, _ in specs),

@@ -56,7 +56,9 @@ class Target:
 
 def unknown_layer_message(layer: str, available) -> str:
     names = sorted(available)
-    return f"unknown layer {layer!r}; this model has: {', '.join(names)}"
+    hint = " (class targets read the classifier's logits: load ECAPA with its classifier.ckpt)" \
+        if layer == "logits" else ""
+    return f"unknown layer {layer!r}{hint}; this model has: {', '.join(names)}"
 
 
 def _per_item(value, batch: int, name: str) -> jnp.ndarray:
@@ -96,8 +98,8 @@ def _pool(h: jnp.ndarray, frames) -> jnp.ndarray:
 
 def class_logit(index) -> Target:
     """The logit of class ``index`` (scalar or ``[B]``) of the model's own classifier
-    (ECAPA's AAM-softmax head: cosine logits); reads ``intermediates["classifier.logits"]``."""
-    return Target(_class_logit_from_intermediates, "class_logit", "classifier.logits",
+    (ECAPA's AAM-softmax head: cosine logits); reads ``intermediates["logits"]``."""
+    return Target(_class_logit_from_intermediates, "class_logit", "logits",
                   {"index": np.asarray(index)})
 
 
@@ -110,7 +112,7 @@ def _predicted(logits, args, params):
     return _pick(logits, idx)
 
 
-def predicted_class(layer: str = "classifier.logits") -> Target:
+def predicted_class(layer: str = "logits") -> Target:
     """Each item's highest logit (the decision the model made)."""
     return Target(_predicted, "predicted_class", layer)
 

@@ -13,7 +13,7 @@
 
 TDNN = conv ('same' length, *reflect* padding, per side floor(d(k-1)/2)) -> ReLU ->
 BatchNorm (inference statistics stored in the params tree). Every TDNN block sows
-and exposes (``perturb``) its output as ``<path>.hidden_state``.
+and exposes (:func:`jaxspeech.layers.tap`) its output as ``<path>.hidden_state``.
 
 Params: ``{"embedding_model": ..., "classifier": {"weight": [out_neurons, lin_neurons]}}``
 (no ``classifier`` when ``out_neurons == 0``). Paths mirror SpeechBrain's state-dict
@@ -213,9 +213,7 @@ class TDNNBlock(nn.Module):
             x = layers.Conv(self.features, (self.kernel_size,), dilation=(self.dilation,),
                             groups=self.groups, rules=self.rules, name="conv")(x)
         x = layers.BatchNorm(rules=self.rules, name="norm")(layers.relu(x, r))
-        x = self.perturb("hidden_state", x)
-        self.sow("intermediates", "hidden_state", x)
-        return x
+        return layers.tap(self, "hidden_state", x)
 
 
 class Res2NetBlock(nn.Module):
@@ -280,9 +278,7 @@ class SERes2NetBlock(nn.Module):
         x = TDNNBlock(self.features, groups=self.groups, rules=self.rules, name="tdnn2")(x, n_valid)
         x = SEBlock(self.se_channels, rules=self.rules, name="se_block")(x, weights)
         x = x + residual
-        x = self.perturb("hidden_state", x)
-        self.sow("intermediates", "hidden_state", x)
-        return x
+        return layers.tap(self, "hidden_state", x)
 
 
 class AttentiveStatisticsPooling(nn.Module):
@@ -323,8 +319,7 @@ class AttentiveStatisticsPooling(nn.Module):
                          rules=self.rules, name="tdnn")(attn, n_valid)
         attn = layers.Conv(c, (1,), rules=self.rules, name="conv")(layers.tanh(attn, r))
         attn = lrp.attention_weights(attn, r, where=valid[:, :, None], axis=1)
-        attn = self.perturb("attention", attn)
-        self.sow("intermediates", "attention", attn)
+        attn = layers.tap(self, "attention", attn)
         mean, std = self.statistics(x, attn, r)
         return jnp.concatenate([mean, std], axis=-1)
 
