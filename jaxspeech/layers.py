@@ -165,8 +165,8 @@ def attention(module: nn.Module, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
     context ``[B, T, heads, head_dim]``, under the bilinear and attention rules.
 
     Computed one (item, head, block of ``block`` queries) at a time with ``lax.map``, so
-    that a ``[block, T]`` score tile stays in cache: on CPU this costs 35% less than
-    materialising ``[B, heads, T, T]`` (benchmarks/forward.py). The probabilities are
+    that a ``[block, T]`` score tile stays in cache: on CPU this took 35% less CPU time than
+    materialising ``[B, heads, T, T]`` (attention core, 8 x 6 heads x 1500 tokens). The probabilities are
     tapped as ``name`` (``[B, heads, T, T]``, with any ``perturbations`` entry added
     before they weight ``v``) only when the caller collects intermediates or perturbs
     them; the values are the same either way, row by row.
