@@ -9,7 +9,8 @@ Sections:
   ``js.attribute(method="attnlrp")`` vs LXT's rules patched into the ``transformers``
   encoder (:mod:`jaxspeech.attribution.lxt`); plus one jaxspeech forward of the same batch,
   for the cost of an attribution relative to a forward (the floor is about 3: a forward
-  and a backward).
+  and a backward), and the peak resident memory of one call of each side, each measured
+  in a fresh process.
 - ``ig``: integrated gradients, 32 Gauss–Legendre steps, 4 steps per batch, on
   whisper-tiny (30 s, batch 1) — jaxspeech vs captum ``IntegratedGradients``
   (``internal_batch_size`` 4) on the ``transformers`` encoder.
@@ -35,7 +36,7 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import header, timed  # noqa: E402
+from _common import header, peak_rss_mb, timed  # noqa: E402
 
 FRAMES = slice(100, 200)
 
@@ -87,8 +88,44 @@ def whisper_lrp(config: str, batch: int, rounds: int) -> str:
                 rows["torch"].append(timed(theirs))
                 rows["fwd"].append(timed(lambda: jax.block_until_ready(forward(m.params, x))))
     (jw, jc), (tw, tc), (fw, fc) = (np.median(rows[k], axis=0) for k in ("jax", "torch", "fwd"))
+    peak_jax, peak_lxt = peak_memory(config, batch)
     return (f"| AttnLRP {config}, 30 s | {batch} | {jw / batch:.2f} | {tw / batch:.2f} | {tw / jw:.2f} "
-            f"| {tc / jc:.2f} | {jw / fw:.2f} ({jc / fc:.2f} CPU) | {compile_s - jw:.1f} | {agree:.1e} |")
+            f"| {tc / jc:.2f} | {jw / fw:.2f} ({jc / fc:.2f} CPU) | {compile_s - jw:.1f} | {agree:.1e} "
+            f"| {peak_jax:.0f} / {peak_lxt:.0f} |")
+
+
+def peak_memory(config: str, batch: int) -> tuple[float, float]:
+    """Peak resident MB of one AttnLRP call, ``(jaxspeech, LXT)``, each in a fresh process
+    (a process's peak cannot be reset); both write the same checkpoint first."""
+    def child(side):
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--peak-child", side,
+                              "--config", config, "--batch", str(batch)],
+                             check=True, capture_output=True, text=True).stdout
+        return float(out.split("peak MB")[-1])
+
+    return child("jax"), child("lxt")
+
+
+def _peak_child(side: str, config: str, batch: int) -> None:
+    import jax
+    import torch
+
+    import jaxspeech as js
+    from jaxspeech.attribution.lxt import lxt_whisper_relevance
+    from jaxspeech.data.reference_checkpoints import write_whisper
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_whisper(folder, config, perturb=0.1)
+        m = js.load(folder)
+        features, direction = _inputs(m.config.d_model, batch)
+        if side == "jax":
+            target = js.targets.layer_direction(None, direction, frames=np.arange(100, 200))
+            jax.block_until_ready(
+                js.attribute(m, features=features, target=target, method="attnlrp").relevance)
+        else:
+            d = torch.from_numpy(direction)
+            lxt_whisper_relevance(folder, features, lambda h: h[:, FRAMES].mean(1) @ d)
+    print(f"peak MB {peak_rss_mb():.0f}")
 
 
 def integrated_gradients(config: str, batch: int, rounds: int, steps: int = 32) -> str:
@@ -129,7 +166,7 @@ def integrated_gradients(config: str, batch: int, rounds: int, steps: int = 32) 
         rows["torch"].append(timed(theirs))
     (jw, jc), (tw, tc) = (np.median(rows[k], axis=0) for k in ("jax", "torch"))
     return (f"| IG {steps} steps {config}, 30 s | {batch} | {jw / batch:.2f} | {tw / batch:.2f} | "
-            f"{tw / jw:.2f} | {tc / jc:.2f} | | {compile_s - jw:.1f} | {agree:.1e} |")
+            f"{tw / jw:.2f} | {tc / jc:.2f} | | {compile_s - jw:.1f} | {agree:.1e} | |")
 
 
 def main() -> None:
@@ -142,7 +179,11 @@ def main() -> None:
     parser.add_argument("--ig-config", default="whisper-tiny")
     parser.add_argument("--ig-batch", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--peak-child", choices=["jax", "lxt"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.peak_child:
+        _peak_child(args.peak_child, args.config, args.batch)
+        return
 
     import torch
 
@@ -150,8 +191,8 @@ def main() -> None:
     if {"whisper", "ig"} & set(args.only):
         print(header("Attribution vs PyTorch references"))
         print("| method, model | batch | jaxspeech s/item | PyTorch s/item | ratio | CPU-time ratio | "
-              "attribution / forward | jax compile s | max rel diff |")
-        print("|---|---|---|---|---|---|---|---|---|", flush=True)
+              "attribution / forward | jax compile s | max rel diff | peak MB jax / torch |")
+        print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
     if "whisper" in args.only:
         print(whisper_lrp(args.config, args.batch, args.rounds), flush=True)
     if "ig" in args.only:

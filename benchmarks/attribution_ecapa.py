@@ -22,29 +22,23 @@ Timed per (rule, duration, batch), median over the rounds:
   (max relative difference).
 The frameworks run in alternating rounds in one process, with torch's intra-op threads
 set to the cores XLA uses, so that load from other processes hits both alike.
-Reported: utterances per second and the ratio jaxspeech / zennit (> 1: jaxspeech faster).
+Reported: utterances per second and the ratio zennit time / jaxspeech time (> 1: jaxspeech
+faster), in wall time and in CPU time (all threads; steadier on a shared machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
+import sys
 import tempfile
-import time
 
 import numpy as np
 
 from jaxspeech.data.reference_checkpoints import ECAPA_FULL, write_ecapa
 
-
-def timed(fn) -> float:
-    # let the other framework's idle worker threads stop spinning (OpenMP / Eigen pools
-    # busy-wait for a while after each call and would steal the cores)
-    time.sleep(0.5)
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import header, timed  # noqa: E402
 
 
 def bench(m, zmodel, rule: str, seconds: float, batch: int, rounds: int) -> dict:
@@ -76,14 +70,16 @@ def bench(m, zmodel, rule: str, seconds: float, batch: int, rounds: int) -> dict
     def forward():
         jax.block_until_ready(m.apply(m.params, feats, **kwargs))
 
-    first = timed(ours)
+    first, _ = timed(ours)
     forward()
     out = {"jax": [], "zennit": [], "forward": []}
     for _ in range(rounds):
         out["zennit"].append(timed(theirs))
         out["jax"].append(timed(ours))
         out["forward"].append(timed(forward))
-    res = {k: float(np.median(v)) for k, v in out.items()}
+    res = {}
+    for k, v in out.items():  # (wall, CPU) medians
+        res[k], res[k + "_cpu"] = (float(x) for x in np.median(v, axis=0))
     res["compile_s"] = first - res["jax"]
     r_ours, r_theirs = np.asarray(feats * relevance["jax"]), relevance["zennit"].numpy()
     res["max_rel_diff"] = float(np.abs(r_ours - r_theirs).max() / np.abs(r_theirs).max())
@@ -119,13 +115,11 @@ def main() -> None:
     jax.config.update("jax_default_matmul_precision", "highest")  # float32 on both sides
     cores = len(os.sched_getaffinity(0))  # XLA:CPU's thread pool spans the usable cores
     torch.set_num_threads(cores)
-    print(f"# ECAPA-TDNN LRP (spkrec-ecapa-voxceleb size + 7205-speaker classifier), "
-          f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {cores} "
-          f"CPU cores, jax {jax.__version__} ({jax.devices()[0].platform}), torch "
-          f"{torch.__version__} ({torch.get_num_threads()} threads)", flush=True)
-    print("| rule | audio | batch | jaxspeech utt/s | zennit utt/s | ratio | jaxspeech attribution "
-          "/ forward | jax compile s | max rel diff |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(header("ECAPA-TDNN LRP (spkrec-ecapa-voxceleb size + 7205-speaker classifier)"),
+          flush=True)
+    print("| rule | audio | batch | jaxspeech utt/s | zennit utt/s | ratio | CPU-time ratio | "
+          "attribution / forward (CPU) | jax compile s | max rel diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         write_ecapa(folder, ECAPA_FULL)  # spkrec size, 7205-speaker classifier
         m = js.load(folder)
@@ -138,7 +132,8 @@ def main() -> None:
                     r = bench(m, zmodel, rule, seconds, batch, args.rounds)
                     print(f"| {rule} | {seconds:g} s | {batch} | {batch / r['jax']:.2f} | "
                           f"{batch / r['zennit']:.2f} | {r['zennit'] / r['jax']:.2f} | "
-                          f"{r['jax'] / r['forward']:.1f} | {r['compile_s']:.1f} | "
+                          f"{r['zennit_cpu'] / r['jax_cpu']:.2f} | {r['jax'] / r['forward']:.1f} "
+                          f"({r['jax_cpu'] / r['forward_cpu']:.1f}) | {r['compile_s']:.1f} | "
                           f"{r['max_rel_diff']:.1e} |", flush=True)
 
 

@@ -18,36 +18,29 @@ Timed per (duration, batch):
   ``InputNormalization`` -> ``ECAPA_TDNN``, as ``EncoderClassifier.encode_batch``).
 The two frameworks are timed in alternating rounds in one process and the median of
 the rounds is reported, so that load from other processes on a shared machine hits
-both alike. Reported: utterances per second and the ratio jaxspeech / PyTorch
-(> 1: jaxspeech faster).
+both alike. Reported: utterances per second and the ratio PyTorch time / jaxspeech time
+(> 1: jaxspeech faster), for the model also in CPU time (all threads).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
+import sys
 import tempfile
-import time
 
 import numpy as np
 
 from jaxspeech.data.reference_checkpoints import ECAPA_FULL, write_ecapa
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import header, timed  # noqa: E402
 
 
 def waves(seconds: float, batch: int) -> np.ndarray:
     from jaxspeech.data import synth
 
     return np.stack([synth.harmonic_sweep(seconds, 16000, seed=i) for i in range(batch)])
-
-
-def timed(fn) -> float:
-    # let the other framework's idle worker threads stop spinning (OpenMP / Eigen pools
-    # busy-wait for a while after each call and would steal the 2 cores)
-    time.sleep(0.5)
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def bench(folder: str, seconds: float, batch: int, rounds: int) -> dict:
@@ -62,7 +55,7 @@ def bench(folder: str, seconds: float, batch: int, rounds: int) -> dict:
     # jaxspeech
     m = js.load(folder)
     feats, kwargs = jax.block_until_ready(m.prepare(wave_np))
-    first = timed(lambda: jax.block_until_ready(m.apply(m.params, feats, **kwargs)))
+    first, _ = timed(lambda: jax.block_until_ready(m.apply(m.params, feats, **kwargs)))
     jax.block_until_ready(m(wave_np))  # compile the front end
 
     # SpeechBrain, as EncoderClassifier.encode_batch runs it
@@ -85,7 +78,9 @@ def bench(folder: str, seconds: float, batch: int, rounds: int) -> dict:
         for _ in range(rounds):
             out["torch_e2e"].append(timed(lambda: model(norm(fbank(wave), lengths), lengths)))
             out["jax_e2e"].append(timed(lambda: jax.block_until_ready(m(wave_np))))
-    res = {k: float(np.median(v)) for k, v in out.items()}
+    res = {}
+    for k, v in out.items():  # (wall, CPU) medians
+        res[k], res[k + "_cpu"] = (float(x) for x in np.median(v, axis=0))
     res["compile_s"] = first - res["jax_model"]
     return res
 
@@ -98,16 +93,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
-    import jax
-    import torch
-
-    print(f"# ECAPA-TDNN forward (spkrec-ecapa-voxceleb size), {time.strftime('%Y-%m-%d')}, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-          f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads)")
-    print("| audio | batch | jaxspeech utt/s | SpeechBrain utt/s | ratio | jaxspeech e2e utt/s | "
-          "SpeechBrain e2e utt/s | e2e ratio | jax compile s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(header("ECAPA-TDNN forward (spkrec-ecapa-voxceleb size)"))
+    print("| audio | batch | jaxspeech utt/s | SpeechBrain utt/s | ratio | CPU-time ratio | "
+          "jaxspeech e2e utt/s | SpeechBrain e2e utt/s | e2e ratio | jax compile s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         write_ecapa(folder, ECAPA_FULL, classifier=False)
         for seconds in args.seconds:
@@ -115,6 +104,7 @@ def main() -> None:
                 r = bench(folder, seconds, batch, args.rounds)
                 print(f"| {seconds:g} s | {batch} | {batch / r['jax_model']:.2f} | "
                       f"{batch / r['torch_model']:.2f} | {r['torch_model'] / r['jax_model']:.2f} | "
+                      f"{r['torch_model_cpu'] / r['jax_model_cpu']:.2f} | "
                       f"{batch / r['jax_e2e']:.2f} | {batch / r['torch_e2e']:.2f} | "
                       f"{r['torch_e2e'] / r['jax_e2e']:.2f} | {r['compile_s']:.1f} |", flush=True)
 

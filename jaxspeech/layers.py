@@ -145,6 +145,13 @@ class BatchNorm(nn.Module):
         return (x - per_channel(mean, x)) * per_channel(scale, x) + per_channel(bias, x)
 
 
+# A collection nothing is stored in: when it is mutable (``Model.forward``, rollout, layer
+# listings) ``attention`` keeps and sows its full ``[B, heads, T, T]`` maps; otherwise (a
+# plain forward, an attribution whose target reads no map) it runs the fused core, whose
+# backward never holds them.
+KEEP_ATTENTION_MAPS = "attention_maps"
+
+
 def tap(module: nn.Module, name: str, x: jnp.ndarray) -> jnp.ndarray:
     """Expose ``x`` as the intermediate ``<module path>.<name>``: it is sown into the
     ``intermediates`` collection (``Model.forward`` returns it), and if a
@@ -164,22 +171,27 @@ def attention(module: nn.Module, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
     """Softmax attention ``q, k, v [B, T, heads, head_dim]`` (``q`` already scaled) ->
     context ``[B, T, heads, head_dim]``, under the bilinear and attention rules.
 
-    Computed one (item, head, block of ``block`` queries) at a time with ``lax.map``, so
-    that a ``[block, T]`` score tile stays in cache: on CPU this took 35% less CPU time than
-    materialising ``[B, heads, T, T]`` (attention core, 8 x 6 heads x 1500 tokens). The probabilities are
-    tapped as ``name`` (``[B, heads, T, T]``, with any ``perturbations`` entry added
-    before they weight ``v``) only when the caller collects intermediates or perturbs
-    them; the values are the same either way, row by row.
+    Computed one (item, head, block of ``block`` queries) at a time, so that a
+    ``[block, T]`` score tile stays in cache: on CPU this took 35% less CPU time than
+    materialising ``[B, heads, T, T]`` (attention core, 8 x 6 heads x 1500 tokens), and
+    the backward (:func:`jaxspeech.lrp.attention_core`) recomputes the tiles instead of
+    keeping ``[B, heads, T, T]``. The probabilities are tapped as ``name``
+    (``[B, heads, T, T]``, with any ``perturbations`` entry added before they weight ``v``)
+    only when the caller collects intermediates or perturbs them; that path differentiates
+    the tiled forward as written. The values are the same either way, row by row.
     """
     b, t, h, d = q.shape
     qb = _divisor_at_most(t, block)
     delta = module.get_variable("perturbations", name) \
         if module.has_variable("perturbations", name) else None
-    keep = delta is not None or module.is_mutable_collection("intermediates")
+    keep = delta is not None or module.is_mutable_collection(KEEP_ATTENTION_MAPS)
 
     def heads_first(x):  # [B, T, H, D] -> [B*H, T, D]
         return x.transpose(0, 2, 1, 3).reshape(b * h, t, x.shape[-1])
 
+    if not keep:
+        context = lrp.attention_core(heads_first(q), heads_first(k), heads_first(v), rules, qb)
+        return context.reshape(b, h, t, d).transpose(0, 2, 1, 3)
     q_blocks = heads_first(q).reshape(b * h, t // qb, qb, d)
     d_blocks = None if delta is None else delta.reshape(b * h, t // qb, qb, t)
 

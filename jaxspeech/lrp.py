@@ -21,6 +21,7 @@ The flowing cotangent ``g`` at a tensor ``z`` is relevance divided by ``z``
 | :func:`attention_weights` | ``cp`` | probabilities treated as constants (CP-LRP) |
 | :func:`gate` | ``constant`` | the gate is a constant scale |
 | :func:`softmax` | — | its ordinary gradient is the AttnLRP softmax rule |
+| :func:`attention_core` | both above | softmax(q kᵀ) v fused: q, k get ¼ (uniform) or 0 (cp), v ½ |
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 
 __all__ = [
     "RuleSet", "RULE_SETS", "get_rules", "linear", "activation", "norm_std", "bilinear",
-    "softmax", "attention_weights", "gate", "divide_gradient", "identity_rule",
+    "softmax", "attention_weights", "attention_core", "gate", "divide_gradient", "identity_rule",
 ]
 
 _CHOICES = {
@@ -217,6 +218,92 @@ def attention_weights(scores: jnp.ndarray, rules: RuleSet | None = None,
     return probs
 
 
+def attention_core(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, rules: RuleSet | None = None,
+                   block: int = 300) -> jnp.ndarray:
+    """``softmax(q kᵀ) v`` per head: ``q, k, v [N, T, D]`` (N = batch x heads, ``q`` already
+    scaled) -> ``[N, T, D]``, under the bilinear and attention rules, in ``block``-query tiles.
+
+    The same values and gradients as ``bilinear`` -> ``attention_weights`` -> ``bilinear``,
+    with a hand-written backward: it recomputes each ``[block, T]`` probability tile
+    instead of keeping ``[N, T, T]`` for the backward (memory O(N·T·D), as flash attention),
+    and runs the four products of the backward per tile. On CPU this took ~25 % less time
+    than differentiating the tiled forward (whisper-base, 8 x 30 s, one layer). The rules
+    enter as constant shares of the plain gradient: the uniform product rule halves each
+    operand's share in both products (q, k: 1/4, v: 1/2, as LXT); CP-LRP's constant
+    probabilities send nothing to q and k.
+    """
+    if q.shape[1] % block:
+        raise ValueError(f"block {block} does not divide the {q.shape[1]} queries")
+    share = 0.5 if _field(rules, "bilinear") == "uniform" else 1.0
+    qk_share = 0.0 if _field(rules, "attention") == "cp" else share * share
+    return _attention_core(block, (qk_share, share), q, k, v)
+
+
+def _tile_probs(qi, kh):
+    return jax.nn.softmax(jnp.einsum("qd,kd->qk", qi, kh, precision="highest"), axis=-1)
+
+
+def _tiles(x, block):
+    return x.reshape(x.shape[0] // block, block, x.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _attention_core(block, shares, q, k, v):
+    def one_head(args):
+        qh, kh, vh = args
+        out = jax.lax.map(lambda qi: jnp.einsum("qk,kd->qd", _tile_probs(qi, kh), vh,
+                                                precision="highest"), _tiles(qh, block))
+        return out.reshape(qh.shape)
+
+    return jax.lax.map(one_head, (q, k, v))
+
+
+def _attention_core_fwd(block, shares, q, k, v):
+    out = _attention_core(block, shares, q, k, v)
+    return out, (q, k, v, out)
+
+
+def _attention_core_bwd(block, shares, res, g):
+    qk_share, v_share = shares
+    hi = "highest"
+
+    def one_head(args):
+        qh, kh, vh, oh, gh = args
+
+        def tile(carry, x):
+            dk, dv = carry
+            qi, oi, gi = x
+            p = _tile_probs(qi, kh)
+            dv = dv + jnp.einsum("qk,qd->kd", p, gi, precision=hi)
+            # softmax backward: p ⊙ (dp − Σ p·dp), with Σ p·dp = Σ g·o per query
+            dp = jnp.einsum("qd,kd->qk", gi, vh, precision=hi)
+            ds = p * (dp - (gi * oi).sum(-1, keepdims=True))
+            return (dk + jnp.einsum("qk,qd->kd", ds, qi, precision=hi), dv), \
+                jnp.einsum("qk,kd->qd", ds, kh, precision=hi)
+
+        zeros = jnp.zeros_like(kh)
+        (dk, dv), dq = jax.lax.scan(tile, (zeros, zeros),
+                                    (_tiles(qh, block), _tiles(oh, block), _tiles(gh, block)))
+        return dq.reshape(qh.shape), dk, dv
+
+    q, k, v, out = res
+    if qk_share == 0.0:  # constant probabilities: only v receives anything
+        def v_only(args):
+            qh, kh, gh = args
+            dv = jax.lax.map(lambda x: jnp.einsum("qk,qd->kd", _tile_probs(x[0], kh), x[1],
+                                                  precision=hi),
+                             (_tiles(qh, block), _tiles(gh, block))).sum(0)
+            return dv
+
+        dv = jax.lax.map(v_only, (q, k, g))
+        return jnp.zeros_like(q), jnp.zeros_like(k), v_share * dv
+    dq, dk, dv = jax.lax.map(one_head, (q, k, v, out, g))
+    return qk_share * dq, qk_share * dk, v_share * dv
+
+
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
+
+
 def gate(x: jnp.ndarray, g: jnp.ndarray, rules: RuleSet | None = None) -> jnp.ndarray:
     """``x * g`` for a gate ``g`` (squeeze-excitation, GLU); the gate is a constant under LRP."""
     if _field(rules, "gate") == "constant":
@@ -265,56 +352,47 @@ def _epsilon_bwd(fn, eps, res, g):
 _epsilon_linear.defvjp(_epsilon_fwd, _epsilon_bwd)
 
 
-def _pos(t):
-    return jnp.maximum(t, 0)
-
-
-def _neg(t):
-    return jnp.minimum(t, 0)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _gamma_linear(fn, gamma, eps, x, w, b):
     return fn(x, w, b)
 
 
 def _gamma_fwd(fn, gamma, eps, x, w, b):
-    return fn(x, w, b), (x, w, b)
+    z = fn(x, w, b)
+    return z, (x, w, b, z)
 
 
 def _gamma_bwd(fn, gamma, eps, res, g):
-    """zennit's Gamma (``gamma``) or ZPlus (``gamma=None``).
+    """zennit's Gamma (``gamma``) or ZPlus (``gamma=None``), in two transposed maps.
 
     Gamma: outputs with z > 0 are explained by the contributions that push them up
     (x⁺ with W + γW⁺ and x⁻ with W + γW⁻), outputs with z < 0 by those that push
-    them down; ZPlus keeps only the positive contributions x⁺W⁺ + x⁻W⁻.
+    them down; ZPlus keeps only the positive contributions x⁺W⁺ + x⁻W⁻. Written out
+    literally that is four modified maps forward and four back. With W± = (W ± |W|)/2
+    and x± = (x ± |x|)/2 every one of them is a combination of two maps, ``W`` and
+    ``|W|`` (on ``x`` and ``|x|``), so the backward costs one forward map (``|W||x|``;
+    ``Wx`` is the saved z) and two transposed ones:
+
+        up/down denominators  z_± = (1 + γ/2) z ± (γ/2) v,      v = |W||x| + |b|
+        relevance             (1 + γ/2) x·Wᵀ(s₊ + s₋) + (γ/2) |x|·|W|ᵀ(s₊ − s₋)
+        ZPlus                 z⁺ = (z + v)/2,  relevance ½ (x·Wᵀs + |x|·|W|ᵀs)
     """
-    x, w, b = res
+    x, w, b, z = res
     zeros_b = None if b is None else jnp.zeros_like(b)
-
-    def part(x_part, w_part, b_part):
-        out, vjp = jax.vjp(lambda x_: fn(x_, w_part, b_part), x_part)
-        return out, lambda cot: vjp(cot)[0]
-
-    xp, xn = _pos(x), _neg(x)
-    z = fn(x, w, b)
+    ax, aw = jnp.abs(x), jnp.abs(w)
+    v = fn(ax, aw, None if b is None else jnp.abs(b))
+    back_w = jax.vjp(lambda x_: fn(x_, w, zeros_b), x)[1]
+    back_aw = jax.vjp(lambda x_: fn(x_, aw, zeros_b), x)[1]
     r_out = z * g
+    sign = jnp.sign(x)  # relevance / x: the cotangent; 0 where x = 0 (no relevance there)
     if gamma is None:
-        z1, v1 = part(xp, _pos(w), None if b is None else _pos(b))
-        z2, v2 = part(xn, _neg(w), zeros_b)
-        s = r_out / _stabilize(z1 + z2, eps)
-        return _safe_div(xp * v1(s) + xn * v2(s), x), jnp.zeros_like(w), zeros_b
-    wp, wn = w + gamma * _pos(w), w + gamma * _neg(w)
-    bp = None if b is None else b + gamma * _pos(b)
-    bn = None if b is None else b + gamma * _neg(b)
-    z_up1, v_up1 = part(xp, wp, bp)
-    z_up2, v_up2 = part(xn, wn, zeros_b)
-    z_dn1, v_dn1 = part(xp, wn, bn)
-    z_dn2, v_dn2 = part(xn, wp, zeros_b)
-    s_up = jnp.where(z > 0, r_out / _stabilize(z_up1 + z_up2, eps), 0)
-    s_dn = jnp.where(z < 0, r_out / _stabilize(z_dn1 + z_dn2, eps), 0)
-    rel = xp * (v_up1(s_up) + v_dn1(s_dn)) + xn * (v_up2(s_up) + v_dn2(s_dn))
-    return _safe_div(rel, x), jnp.zeros_like(w), zeros_b
+        s = r_out / _stabilize(0.5 * (z + v), eps)
+        gx = 0.5 * (back_w(s)[0] + sign * back_aw(s)[0])
+    else:
+        s_up = jnp.where(z > 0, r_out / _stabilize((1 + gamma / 2) * z + (gamma / 2) * v, eps), 0)
+        s_dn = jnp.where(z < 0, r_out / _stabilize((1 + gamma / 2) * z - (gamma / 2) * v, eps), 0)
+        gx = (1 + gamma / 2) * back_w(s_up + s_dn)[0] + (gamma / 2) * sign * back_aw(s_up - s_dn)[0]
+    return jnp.where(x == 0, 0.0, gx), jnp.zeros_like(w), zeros_b
 
 
 def _safe_div(rel, x):

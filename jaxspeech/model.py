@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspeech import audio, lrp
+from jaxspeech import audio, layers, lrp
 
 __all__ = ["Family", "Model", "register_family", "families", "family_of", "init", "presets"]
 
@@ -114,7 +114,8 @@ def _apply(config, params, features, kwargs, rules=None, remat=False):
 @functools.partial(jax.jit, static_argnames=("config", "rules", "remat"))
 def _forward(config, params, features, kwargs, rules=None, remat=False):
     out, state = _module(config, rules, remat).apply(
-        {"params": params}, features, **kwargs, mutable=["intermediates"])
+        {"params": params}, features, **kwargs,
+        mutable=["intermediates", layers.KEEP_ATTENTION_MAPS])
     return out, flatten_intermediates(state.get("intermediates", {}))
 
 

@@ -89,7 +89,7 @@ def _pool(h: jnp.ndarray) -> jnp.ndarray:
     return h if h.ndim == 2 else h.mean(axis=1)
 
 
-def _probe_predicted(source, args, params):
+def _probe_predicted(source, args, params, rules):
     logits = _pool(source) @ args["weight"] + args["bias"][None, :]
     idx = jax.lax.stop_gradient(jnp.argmax(logits, axis=-1))
     return jnp.take_along_axis(logits, idx[:, None], axis=1)[:, 0]

@@ -298,37 +298,26 @@ SPEAKER = [
 
         LRP aims at *conservation*: the relevance summed over the input features equals the
         target value (`res.conservation()` or `res.extras["conservation"]` report the ratio).
-        For the cosine similarity as written above the sum is close to **zero**, whatever the
-        score: the cosine is scale-invariant in the embedding e (cos(a·e, r) = cos(e, r)), so by
-        Euler's theorem e · ∇cos = 0 and nothing enters the network at its output.
+        A cosine similarity is scale-invariant in the embedding e (cos(a·e, r) = cos(e, r)), so
+        by Euler's theorem e · ∇cos = 0: explained by its plain gradient, nothing of the score
+        enters the network, and gradient × input sums to **zero** whatever the score. LRP treats
+        a normalisation's denominator as a constant (as it does LayerNorm's standard deviation);
+        `js.targets.cosine_similarity` does so under every LRP rule set, which leaves the
+        forward value — the score — exactly as it is and makes the target linear in the
+        embedding.
     '''),
     code('''
-        print("summed relevance per side:", np.asarray(res.relevance.sum(axis=(1, 2))).round(5))
-        print("conservation ratio:       ", np.asarray(res.extras["conservation"]).round(5))
+        plain = js.attribute(m, trial, target=both_sides, method="gradient_x_input")
+        print("summed relevance per side, gradient x input:", np.asarray(plain.relevance.sum(axis=(1, 2))).round(5))
+        print("summed relevance per side, epsilon:         ", np.asarray(res.relevance.sum(axis=(1, 2))).round(5))
+        print("conservation ratio, epsilon:                ", np.asarray(res.extras["conservation"]).round(5))
     '''),
     md('''
-        LRP treats a normalisation's denominator as a constant (as it does LayerNorm's standard
-        deviation). Holding the embedding's norm constant in the backward pass
-        (`jax.lax.stop_gradient`) leaves the forward value — the score — exactly as it is and makes
-        the target linear in the embedding, so the whole score enters the network. A
-        `js.targets.custom` target does this. We explain every ordered pair of the four clips
-        (12 trials, all scoring high: random-weight embeddings are alike) and, to spread the
-        scores, each clip against two random directions (no clip's embedding; scores near zero and
-        below): 20 items, one batch.
+        We explain every ordered pair of the four clips (12 trials, all scoring high:
+        random-weight embeddings are alike) and, to spread the scores, each clip against two
+        random directions (no clip's embedding; scores near zero and below): 20 items, one batch.
     '''),
     code('''
-        def cosine_norm_held(references):
-            """Cosine similarity to per-item references [B, D], the embedding's norm held constant
-            in the backward pass (the forward value is the cosine)."""
-            refs = jnp.asarray(references / np.linalg.norm(references, axis=-1, keepdims=True),
-                               jnp.float32)
-
-            def fn(y):
-                return (y * refs).sum(-1) / jax.lax.stop_gradient(jnp.linalg.norm(y, axis=-1))
-
-            return js.targets.custom(fn, name="cosine_similarity (norm held)")
-
-
         pairs = [(i, j) for i in range(len(clips)) for j in range(len(clips)) if i != j]
         impostors = np.random.default_rng(0).standard_normal((2 * len(clips), clip_emb.shape[1]))
         which = [i for i, _ in pairs] + [i for i in range(len(clips)) for _ in range(2)]
@@ -338,7 +327,7 @@ SPEAKER = [
         names += [f"clip {i} vs random direction {k}" for i in range(len(clips)) for k in range(2)]
 
         rule_set = "epsilon"
-        held = js.attribute(m, explained, target=cosine_norm_held(references), method=rule_set)
+        held = js.attribute(m, explained, target=js.targets.cosine_similarity(references), method=rule_set)
         scores = np.asarray(held.score)
         sums = np.asarray(held.relevance.sum(axis=(1, 2)))
         ratio = np.asarray(held.extras["conservation"])
@@ -366,7 +355,7 @@ SPEAKER = [
         line = np.linspace(-1, 1, 2)
         ax.plot(line, slope * line, color="grey", ls=":", label=f"{slope:.2f} x score")
         ax.set_xlabel("target value (cosine similarity)")
-        ax.set_ylabel(f"summed relevance ({rule_set}, norm held)")
+        ax.set_ylabel(f"summed relevance ({rule_set})")
         ax.legend(fontsize=8)
         fig.tight_layout()
         show_figure(fig)

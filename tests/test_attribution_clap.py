@@ -143,6 +143,23 @@ def test_conservation_on_a_bias_free_model(model, features, direction, rules):
         np.testing.assert_allclose(ratio, 1.0, atol=1e-3)
 
 
+def test_text_similarity_conserves_under_cp_lrp(model, features):
+    """Audio–text similarity normalises the audio embedding; under LRP its norm is a
+    constant, so on a bias-free copy CP-LRP hands the whole similarity to the input (its
+    plain gradient × input would sum to 0: a cosine is scale-invariant)."""
+    params = bias_free(model.params)
+    audio = np.asarray(model.apply(params, jnp.asarray(features)))
+    text = np.random.default_rng(3).standard_normal((3, audio.shape[-1])).astype(np.float32)
+    text[1] = audio[0] + 0.5 * text[1] * np.linalg.norm(audio[0]) / np.linalg.norm(text[1])
+    target = js.targets.text_similarity(text, index=1)
+    res = js.attribute(model, features=features, params=params, target=target, method="cp_lrp")
+    assert np.all(np.abs(np.asarray(res.score)) > 0.05), res.score
+    np.testing.assert_allclose(np.asarray(res.conservation()), 1.0, atol=1e-3)
+    plain = js.attribute(model, features=features, params=params, target=target,
+                         method="gradient_x_input")
+    assert np.all(np.abs(np.asarray(plain.relevance.sum(axis=(1, 2, 3)))) < 1e-3 * np.abs(res.score))
+
+
 # --- agreement with LXT on the transformers tower -------------------------------------------
 
 def lxt_relevance(folders, features, direction, cp: bool):

@@ -173,6 +173,32 @@ def test_conservation_on_a_bias_free_copy(model, features, rules):
         np.testing.assert_allclose(r_mfa / score, 0.5, atol=1e-4)
 
 
+def test_cosine_target_holds_its_norms_under_lrp(model, features):
+    """A cosine is scale-invariant, so its plain ``e · grad`` is 0 and gradient × input of a
+    verification score sums to ~0 whatever the score. Under an LRP rule set the target holds
+    the embedding's norm constant (as LayerNorm's σ): on a bias-free copy the score then
+    reaches the mfa output as a class logit does (half of it: the pooling's product rule)."""
+    params = bias_free(model.params)
+    x = jnp.asarray(features)
+    embedding = np.asarray(model.forward(params, x)[0])
+    reference = np.random.default_rng(7).standard_normal(embedding.shape).astype(np.float32)
+    reference += 2.0 * embedding / np.linalg.norm(embedding, axis=-1, keepdims=True) \
+        * np.linalg.norm(reference, axis=-1, keepdims=True)  # scores well away from 0
+    target = js.targets.cosine_similarity(reference)
+    held = dataclasses.replace(RULE_SETS["epsilon"], attention="cp").with_params(epsilon=1e-9)
+    r_in, r_mfa, score = _relevance(model, params, x, target, held)
+    cos = (embedding * reference).sum(-1) / np.linalg.norm(embedding, axis=-1) \
+        / np.linalg.norm(reference, axis=-1)
+    np.testing.assert_allclose(score, cos, rtol=1e-5)  # the forward value is the plain cosine
+    assert np.all(np.abs(score) > 0.3), score
+    np.testing.assert_allclose(r_mfa / score, 0.5, atol=1e-4)
+    np.testing.assert_allclose(r_in / r_mfa, 1.0, atol=1e-4)
+    plain = js.attribute(model, features=features, params=params, target=target,
+                         method="gradient_x_input")
+    sums = np.asarray(plain.relevance.sum(axis=(1, 2)))
+    assert np.all(np.abs(sums) < 1e-3 * np.abs(score)), (sums, score)
+
+
 # --- agreement with zennit on SpeechBrain's module ----------------------------------------
 
 @pytest.mark.parametrize("rule, epsilon, gamma", [("epsilon", 1e-2, 0.25), ("gamma", 1e-6, 0.25),

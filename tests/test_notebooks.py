@@ -75,7 +75,7 @@ def _check_speaker(text: str, images: int) -> None:
     fit = re.search(r"all 20 items: summed relevance = (\S+) x score, correlation (\S+)", text)
     slope, corr = float(fit.group(1)), float(fit.group(2))
     assert 0.3 < slope < 0.55 and corr > 0.99, (slope, corr)  # tracks the score over [-1, 1]
-    summed = re.search(r"summed relevance per side: \[(\S+)\s+(\S+)\]", text)
+    summed = re.search(r"summed relevance per side, gradient x input: \[(\S+)\s+(\S+)\]", text)
     assert all(abs(float(v)) < 0.05 for v in summed.groups())  # plain cosine: scale-invariant
     assert images >= 3  # both sides of the trial and the score vs relevance scatter
 

@@ -41,6 +41,7 @@ def lxt_whisper_encoder(folder, cp: bool = False) -> Iterator:
     torch.nn.functional.gelu = lambda x, *a, **k: identity_rule_implicit(gelu, x)
     try:  # the model is built inside the patch: GELUActivation captures F.gelu at init
         encoder = WhisperModel.from_pretrained(folder, attn_implementation="eager").encoder.eval()
+        encoder.requires_grad_(False)  # as LXT's quick start: relevance needs input gradients only
         (patches.patch_cp_attention if cp else patches.patch_attention)(hf_whisper)
         for module in encoder.modules():
             if isinstance(module, torch.nn.LayerNorm):

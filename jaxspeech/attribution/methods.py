@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxspeech import lrp
 from jaxspeech.attribution.targets import Target, unknown_layer_message
+from jaxspeech.layers import KEEP_ATTENTION_MAPS
 from jaxspeech.model import _module, family_of, flatten_intermediates, param_shapes
 
 __all__ = ["gradient", "integrated_gradients", "smoothgrad", "gradcam", "rollout",
@@ -33,12 +34,17 @@ def _variables(params, perturb):
     return {"params": params} if not perturb else {"params": params, "perturbations": perturb}
 
 
-def score(config, params, x, kwargs, target: Target, *, rules=None, remat=False, perturb=None):
-    """``(target [B], output, intermediates)`` of one forward."""
+def score(config, params, x, kwargs, target: Target, *, rules=None, remat=False, perturb=None,
+          maps: bool = False):
+    """``(target [B], output, intermediates)`` of one forward. Attention maps are among the
+    intermediates only with ``maps`` (or when the target reads one): without them the
+    attention runs fused and its backward never holds ``[B, heads, T, T]``."""
+    maps = maps or (target.layer or "").endswith(".attention")
+    collections = ["intermediates"] + ([KEEP_ATTENTION_MAPS] if maps else [])
     y, state = _module(config, rules, remat).apply(
-        _variables(params, perturb), x, **kwargs, mutable=["intermediates"])
+        _variables(params, perturb), x, **kwargs, mutable=collections)
     inter = flatten_intermediates(state.get("intermediates", {}))
-    return target(y, inter, params), y, inter
+    return target(y, inter, params, lrp.get_rules(rules)), y, inter
 
 
 def _grad(config, params, x, kwargs, target, rules, remat):
@@ -121,7 +127,7 @@ def smoothgrad(config, params, x, kwargs, target, key, noise_level=0.1, n_sample
 def _intermediate_tree(config, x, kwargs):
     def run(params, x_, kwargs_):
         return _module(config, None, False).apply(
-            {"params": params}, x_, **kwargs_, mutable=["intermediates"])[1]
+            {"params": params}, x_, **kwargs_, mutable=["intermediates", KEEP_ATTENTION_MAPS])[1]
 
     return jax.eval_shape(run, param_shapes(config), x, kwargs)
 
@@ -311,7 +317,7 @@ def _roll_back(v, mats, geometry, step):
 
 @functools.partial(jax.jit, static_argnames=("config", "names", "remat"))
 def _rollout(config, params, x, kwargs, target, names, remat=False):
-    s, _, inter = score(config, params, x, kwargs, target, remat=remat)
+    s, _, inter = score(config, params, x, kwargs, target, remat=remat, maps=True)
     geometry = _geometry(config, names)
     mats = []
     for n in names:
@@ -343,7 +349,7 @@ def _gradient_rollout(config, params, x, kwargs, target, names, paths, zeros, re
         node[path[-1]] = z
 
     def f(p):
-        s, _, inter = score(config, params, x, kwargs, target, remat=remat, perturb=p)
+        s, _, inter = score(config, params, x, kwargs, target, remat=remat, perturb=p, maps=True)
         return s.sum(), (s, [inter[n] for n in names])
 
     grads, (s, maps) = jax.grad(f, has_aux=True)(perturb)

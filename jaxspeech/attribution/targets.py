@@ -3,8 +3,12 @@
 A :class:`Target` is a pytree (its arrays are traced, its function and layer are
 static), so one compiled attribution serves a whole corpus of reference
 embeddings, class indices or text embeddings. It is called as
-``target(output, intermediates, params) -> [B]`` where ``output`` is what
-``m.apply`` returns and ``intermediates`` what ``m.forward`` returns.
+``target(output, intermediates, params, rules) -> [B]`` where ``output`` is what
+``m.apply`` returns, ``intermediates`` what ``m.forward`` returns and ``rules`` the
+LRP rule set in force (``None`` for gradient methods): targets that normalise
+(cosine and text similarity) hold their norms constant under LRP, as LayerNorm's σ
+is held, so that relevance sums to the similarity rather than to zero (a cosine is
+scale-invariant: its plain ``x · grad`` is 0).
 
     js.targets.class_logit(7)                                # ECAPA speaker 7 (its classifier)
     js.targets.predicted_class()                             # each item's top class
@@ -26,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import lrp
+
 __all__ = ["Target", "class_logit", "predicted_class", "linear_probe", "cosine_similarity",
            "text_similarity", "layer_norm", "layer_direction", "output_norm", "custom", "default"]
 
@@ -33,21 +39,23 @@ __all__ = ["Target", "class_logit", "predicted_class", "linear_probe", "cosine_s
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """``fn(source, args, params) -> [B]`` on ``source`` = the output or ``intermediates[layer]``."""
+    """``fn(source, args, params, rules) -> [B]`` on ``source`` = the output or
+    ``intermediates[layer]``."""
 
     fn: Callable = dataclasses.field(metadata=dict(static=True))
     name: str = dataclasses.field(metadata=dict(static=True))
     layer: str | None = dataclasses.field(default=None, metadata=dict(static=True))
     args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
-    def __call__(self, output, intermediates: Mapping[str, jnp.ndarray], params=None) -> jnp.ndarray:
+    def __call__(self, output, intermediates: Mapping[str, jnp.ndarray], params=None,
+                 rules: lrp.RuleSet | None = None) -> jnp.ndarray:
         if self.layer is None:
             source = output
         else:
             if self.layer not in intermediates:
                 raise KeyError(unknown_layer_message(self.layer, intermediates))
             source = intermediates[self.layer]
-        value = self.fn(source, self.args, params)
+        value = self.fn(source, self.args, params, rules)
         if value.ndim != 1:
             raise ValueError(f"target {self.name!r} gave shape {tuple(value.shape)}; a target must "
                              "give one value per item ([batch])")
@@ -103,11 +111,11 @@ def class_logit(index) -> Target:
                   {"index": np.asarray(index)})
 
 
-def _class_logit_from_intermediates(logits, args, params):
+def _class_logit_from_intermediates(logits, args, params, rules):
     return _pick(logits, args["index"])
 
 
-def _predicted(logits, args, params):
+def _predicted(logits, args, params, rules):
     idx = jax.lax.stop_gradient(jnp.argmax(logits, axis=-1))
     return _pick(logits, idx)
 
@@ -117,7 +125,7 @@ def predicted_class(layer: str = "logits") -> Target:
     return Target(_predicted, "predicted_class", layer)
 
 
-def _probe(source, args, params):
+def _probe(source, args, params, rules):
     x = _pool(source, args.get("frames"))
     logits = x @ args["weight"] + args["bias"][None, :]
     return _pick(logits, args["index"])
@@ -134,12 +142,15 @@ def linear_probe(weight, bias, index, *, layer: str | None = None, frames=None) 
     return Target(_probe, "linear_probe", layer, args)
 
 
-def _cosine(source, args, params):
+def _unit(x: jnp.ndarray, rules) -> jnp.ndarray:
+    """``x / |x|`` along the last axis; under LRP ``|x|`` is a constant scale."""
+    return x / (lrp.norm_std(jnp.linalg.norm(x, axis=-1, keepdims=True), rules) + 1e-8)
+
+
+def _cosine(source, args, params, rules):
     x = _pool(source, args.get("frames"))
-    ref = args["reference"]
-    ref = jnp.broadcast_to(ref.reshape((-1, x.shape[-1])), x.shape)
-    num = (x * ref).sum(-1)
-    return num / (jnp.linalg.norm(x, axis=-1) * jnp.linalg.norm(ref, axis=-1) + 1e-8)
+    ref = jnp.broadcast_to(args["reference"].reshape((-1, x.shape[-1])), x.shape)
+    return (_unit(x, rules) * _unit(ref, None)).sum(-1)
 
 
 def cosine_similarity(reference, *, layer: str | None = None, frames=None) -> Target:
@@ -151,12 +162,8 @@ def cosine_similarity(reference, *, layer: str | None = None, frames=None) -> Ta
     return Target(_cosine, "cosine_similarity", layer, args)
 
 
-def _text(source, args, params):
-    x = source / (jnp.linalg.norm(source, axis=-1, keepdims=True) + 1e-8)
-    text = args["text"]
-    text = text / (jnp.linalg.norm(text, axis=-1, keepdims=True) + 1e-8)
-    sims = x @ text.T
-    return _pick(sims, args["index"])
+def _text(source, args, params, rules):
+    return _pick(_unit(source, rules) @ _unit(args["text"], None).T, args["index"])
 
 
 def text_similarity(text_embeddings, index=0) -> Target:
@@ -167,7 +174,7 @@ def text_similarity(text_embeddings, index=0) -> Target:
                    "index": np.asarray(index)})
 
 
-def _norm(source, args, params):
+def _norm(source, args, params, rules):
     return jnp.linalg.norm(_pool(source, args.get("frames")), axis=-1)
 
 
@@ -182,7 +189,7 @@ def output_norm() -> Target:
     return layer_norm(None)
 
 
-def _direction(source, args, params):
+def _direction(source, args, params, rules):
     return _pool(source, args.get("frames")) @ args["direction"]
 
 
@@ -206,7 +213,7 @@ _ADAPTERS: dict[Callable, Callable] = {}
 
 def _custom_adapter(fn):
     if fn not in _ADAPTERS:
-        _ADAPTERS[fn] = lambda source, args, params: fn(source)
+        _ADAPTERS[fn] = lambda source, args, params, rules: fn(source)
     return _ADAPTERS[fn]
 
 
