@@ -15,7 +15,7 @@ The flowing cotangent ``g`` at a tensor ``z`` is relevance divided by ``z``
 |---|---|---|
 | :func:`linear` (dense, conv) | ``epsilon`` | ``g_in = Wᵀ (g · z / (z + ε·sign z))`` |
 | | ``gamma`` / ``zplus`` | zennit's Gamma / ZPlus (positive and negative parts) |
-| :func:`activation` | ``identity`` | ``g_in = g · f(x) / (x + 1e-10)`` (LXT ``identity_rule_implicit``) |
+| :func:`activation` | ``identity`` | ``g_in = g · f(x) / x``, ``f'(0)`` at 0 (LXT's identity rule) |
 | :func:`norm_std` | ``identity`` | std treated as a constant (``stop_gradient``) |
 | :func:`bilinear` | ``uniform`` | each operand's gradient halved (LXT ``divide_gradient``) |
 | :func:`attention_weights` | ``cp`` | probabilities treated as constants (CP-LRP) |
@@ -155,14 +155,25 @@ divide_gradient.defvjp(_divide_fwd, _divide_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 2))
-def identity_rule(fn: Callable, x: jnp.ndarray, eps: float = 1e-10) -> jnp.ndarray:
-    """``fn(x)`` forward; backward ``g · fn(x) / (x + ε)`` (LXT ``identity_rule_implicit``)."""
+def identity_rule(fn: Callable, x: jnp.ndarray, eps: float = 0.0) -> jnp.ndarray:
+    """``fn(x)`` forward; backward ``g · fn(x) / (x + ε)``, and ``g · f'(0)`` where the
+    denominator is 0 (0 where ``f'(0)`` is not finite, as for ``sqrt``).
+
+    ``ε = 0`` is the exact ratio of ATTRIBUTION_NOTES. LXT's ``identity_rule_implicit``
+    adds 1e-10, which changes nothing for inputs of order one (GELU in a transformer)
+    but biases the ratio where |x| is not far above 1e-10 — e.g. the std pooling of
+    ECAPA, whose per-channel variances reach 1e-9 (zennit's exact ``Pass`` rule differed
+    from LXT's ratio by 6 % there).
+    """
     return fn(x)
 
 
 def _identity_fwd(fn, x, eps):
     y = fn(x)
-    return y, y / (x + eps)  # as LXT: ε only keeps x = 0 finite
+    den = x + eps if eps else x
+    slope = jax.grad(fn)(jnp.zeros((), x.dtype))
+    slope = jnp.where(jnp.isfinite(slope), slope, 0.0).astype(y.dtype)
+    return y, jnp.where(den == 0, slope, y / jnp.where(den == 0, 1.0, den))
 
 
 def _identity_bwd(fn, eps, ratio, g):

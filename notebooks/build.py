@@ -234,8 +234,6 @@ SPEAKER = [
     '''),
     SHOW,
     code('''
-        import jax
-        import jax.numpy as jnp
         import numpy as np
         from matplotlib.figure import Figure
 
@@ -308,9 +306,9 @@ SPEAKER = [
     '''),
     code('''
         plain = js.attribute(m, trial, target=both_sides, method="gradient_x_input")
-        print("summed relevance per side, gradient x input:", np.asarray(plain.relevance.sum(axis=(1, 2))).round(5))
-        print("summed relevance per side, epsilon:         ", np.asarray(res.relevance.sum(axis=(1, 2))).round(5))
-        print("conservation ratio, epsilon:                ", np.asarray(res.extras["conservation"]).round(5))
+        for label, r in (("gradient x input", plain), ("epsilon", res)):
+            print(f"summed relevance per side, {label}:", np.asarray(r.relevance.sum(axis=(1, 2))).round(5))
+        print("conservation ratio, epsilon:", np.asarray(res.extras["conservation"]).round(5))
     '''),
     md('''
         We explain every ordered pair of the four clips (12 trials, all scoring high:
