@@ -177,8 +177,9 @@ def attention(module: nn.Module, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
     the backward (:func:`jaxspeech.lrp.attention_core`) recomputes the tiles instead of
     keeping ``[B, heads, T, T]``. The probabilities are tapped as ``name``
     (``[B, heads, T, T]``, with any ``perturbations`` entry added before they weight ``v``)
-    only when the caller collects intermediates or perturbs them; that path differentiates
-    the tiled forward as written. The values are the same either way, row by row.
+    only when the caller makes :data:`KEEP_ATTENTION_MAPS` mutable (``Model.forward``,
+    rollout) or perturbs them; that path differentiates the tiled forward as written. The
+    values are the same either way, row by row.
     """
     b, t, h, d = q.shape
     qb = _divisor_at_most(t, block)
