@@ -21,6 +21,7 @@ from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN, Classifier
 import jaxspeech as js
 from jaxspeech.attribution import methods
 from jaxspeech.attribution import references as ref
+from jaxspeech.data.reference_checkpoints import ecapa_yaml
 from jaxspeech.lrp import RULE_SETS
 
 # Small, with every code path of the full model: a TDNN, two SE-Res2Net blocks (the first
@@ -30,20 +31,6 @@ from jaxspeech.lrp import RULE_SETS
 ARCH = dict(channels=[16, 24, 24, 48], kernel_sizes=[5, 3, 3, 1], dilations=[1, 2, 3, 1],
             attention_channels=8, lin_neurons=12, se_channels=4, res2net_scale=3)
 OUT = 5
-YAML = """\
-n_mels: 80
-compute_features: !new:speechbrain.lobes.features.Fbank
-    n_mels: !ref <n_mels>
-mean_var_norm: !new:speechbrain.processing.features.InputNormalization
-    norm_type: sentence
-    std_norm: False
-embedding_model: !new:speechbrain.lobes.models.ECAPA_TDNN.ECAPA_TDNN
-    input_size: !ref <n_mels>
-{arch}
-classifier: !new:speechbrain.lobes.models.ECAPA_TDNN.Classifier
-    input_size: {lin_neurons}
-    out_neurons: {out}
-"""
 T = 48
 INDEX = np.array([1, 3])
 LENGTHS = np.array([1.0, 0.75], np.float32)  # item 1: 36 valid frames, 12 of padding
@@ -78,9 +65,7 @@ def folder(tmp_path_factory):
     clf = Classifier(ARCH["lin_neurons"], out_neurons=OUT)
     torch.save(emb.state_dict(), path / "embedding_model.ckpt")
     torch.save(clf.state_dict(), path / "classifier.ckpt")
-    arch = "\n".join(f"    {k}: {v}" for k, v in ARCH.items())
-    (path / "hyperparams.yaml").write_text(YAML.format(arch=arch, lin_neurons=ARCH["lin_neurons"],
-                                                       out=OUT))
+    (path / "hyperparams.yaml").write_text(ecapa_yaml(dict(ARCH, n_mels=80, out_neurons=OUT)))
     return path
 
 

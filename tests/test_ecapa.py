@@ -21,9 +21,8 @@ from jaxspeech.convert import ecapa as convert  # noqa: E402
 from jaxspeech.data import synth  # noqa: E402
 from jaxspeech.data.reference_checkpoints import ECAPA_FULL as FULL  # noqa: E402
 from jaxspeech.data.reference_checkpoints import ECAPA_SMALL as SMALL  # noqa: E402
-from jaxspeech.data.reference_checkpoints import ECAPA_YAML as YAML  # noqa: E402
 from jaxspeech.data.reference_checkpoints import ecapa_modules as make_reference  # noqa: E402, F401
-from jaxspeech.data.reference_checkpoints import write_ecapa  # noqa: E402
+from jaxspeech.data.reference_checkpoints import ecapa_yaml, write_ecapa  # noqa: E402
 from jaxspeech.models import ecapa  # noqa: E402
 
 TOL = 1e-4  # max |diff| relative to max |reference|, float32 (DESIGN.md)
@@ -31,7 +30,7 @@ SR = 16000
 
 
 def write_yaml(folder, hp) -> None:
-    (folder / "hyperparams.yaml").write_text(YAML.format(**hp))
+    (folder / "hyperparams.yaml").write_text(ecapa_yaml(hp))
 
 
 def write_folder(folder, hp, seed=0, classifier=True):

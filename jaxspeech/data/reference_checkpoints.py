@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["WHISPER_SIZES", "write_whisper", "ECAPA_FULL", "ECAPA_SMALL", "ECAPA_YAML", "ecapa_modules",
-           "write_ecapa", "CLAP_SIZES", "randomize_clap", "save_roberta_tokenizer", "write_clap"]
+__all__ = ["WHISPER_SIZES", "write_whisper", "ECAPA_FULL", "ECAPA_SMALL", "ECAPA_YAML", "ecapa_yaml",
+           "ecapa_modules", "write_ecapa", "CLAP_SIZES", "randomize_clap", "save_roberta_tokenizer",
+           "write_clap"]
 
 # --- Whisper -----------------------------------------------------------------------------
 
@@ -89,11 +90,7 @@ mean_var_norm: !new:speechbrain.processing.features.InputNormalization
 
 embedding_model: !new:speechbrain.lobes.models.ECAPA_TDNN.ECAPA_TDNN
     input_size: !ref <n_mels>
-    channels: {channels}
-    kernel_sizes: [5, 3, 3, 3, 1]
-    dilations: [1, 2, 3, 4, 1]
-    attention_channels: {attention_channels}
-    lin_neurons: {lin_neurons}{extra}
+{arch}
 
 classifier: !new:speechbrain.lobes.models.ECAPA_TDNN.Classifier
     input_size: {lin_neurons}
@@ -125,11 +122,24 @@ pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
         label_encoder: !ref <pretrained_path>/label_encoder.txt
 """
 
-# spkrec-ecapa-voxceleb's size (7205 VoxCeleb speakers) and a small one for fast tests.
-ECAPA_FULL = dict(n_mels=80, channels=[1024, 1024, 1024, 1024, 3072], attention_channels=128,
-                  lin_neurons=192, out_neurons=7205, extra="")
-ECAPA_SMALL = dict(n_mels=80, channels=[32, 32, 32, 32, 96], attention_channels=16, lin_neurons=24,
-                   out_neurons=5, extra="\n    se_channels: 8")
+# spkrec-ecapa-voxceleb's size (7205 VoxCeleb speakers) and a small one for fast tests. Every
+# key but n_mels and out_neurons is an ``ECAPA_TDNN`` argument, written into the yaml.
+ECAPA_FULL = dict(n_mels=80, out_neurons=7205, channels=[1024, 1024, 1024, 1024, 3072],
+                  kernel_sizes=[5, 3, 3, 3, 1], dilations=[1, 2, 3, 4, 1], attention_channels=128,
+                  lin_neurons=192)
+ECAPA_SMALL = dict(ECAPA_FULL, channels=[32, 32, 32, 32, 96], attention_channels=16, lin_neurons=24,
+                   out_neurons=5, se_channels=8)
+
+
+def _ecapa_args(hp: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in hp.items() if k not in ("n_mels", "out_neurons")}
+
+
+def ecapa_yaml(hp: dict[str, Any]) -> str:
+    """spkrec-ecapa-voxceleb's ``hyperparams.yaml`` (:data:`ECAPA_YAML`) for preset ``hp``."""
+    arch = "\n".join(f"    {k}: {v}" for k, v in _ecapa_args(hp).items())
+    return ECAPA_YAML.format(n_mels=hp["n_mels"], out_neurons=hp["out_neurons"],
+                             lin_neurons=hp["lin_neurons"], arch=arch)
 
 
 def ecapa_modules(hp: dict[str, Any], seed: int = 0):
@@ -139,10 +149,7 @@ def ecapa_modules(hp: dict[str, Any], seed: int = 0):
     from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN, Classifier
 
     torch.manual_seed(seed)
-    extra = {"se_channels": 8} if "se_channels" in hp["extra"] else {}
-    emb = ECAPA_TDNN(hp["n_mels"], channels=hp["channels"], kernel_sizes=[5, 3, 3, 3, 1],
-                     dilations=[1, 2, 3, 4, 1], attention_channels=hp["attention_channels"],
-                     lin_neurons=hp["lin_neurons"], **extra)
+    emb = ECAPA_TDNN(hp["n_mels"], **_ecapa_args(hp))
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, v in emb.state_dict().items():
@@ -170,7 +177,7 @@ def write_ecapa(folder: str | Path, hp: dict[str, Any] = ECAPA_SMALL, *, seed: i
     torch.save(emb.state_dict(), folder / "embedding_model.ckpt")
     if classifier:
         torch.save(clf.state_dict(), folder / "classifier.ckpt")
-    (folder / "hyperparams.yaml").write_text(ECAPA_YAML.format(**hp))
+    (folder / "hyperparams.yaml").write_text(ecapa_yaml(hp))
     return emb, clf
 
 
