@@ -39,7 +39,8 @@ def per_channel(v: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray:
     return v.reshape((1,) * (like.ndim - 1) + (-1,))
 
 
-def _dense(x, w, b):
+def dense(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray | None) -> jnp.ndarray:
+    """``x [..., in] @ w [in, out] (+ b)``: the map :class:`Dense` puts under the linear rule."""
     y = jnp.einsum("...i,io->...o", x, w, precision=_PREC)
     return y if b is None else y + per_channel(b, y)
 
@@ -56,7 +57,7 @@ class Dense(nn.Module):
         w = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
         b = self.param("bias", nn.initializers.normal(0.02), (self.features,)) \
             if self.use_bias else None
-        return lrp.linear(_dense, x, w, b, rules_at(self, self.rules))
+        return lrp.linear(dense, x, w, b, rules_at(self, self.rules))
 
 
 class Conv(nn.Module):
@@ -212,6 +213,27 @@ def attention(module: nn.Module, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
     if keep:
         module.sow("intermediates", name, probs.reshape(b, h, t, t))
     return context.reshape(b, h, t, d).transpose(0, 2, 1, 3)
+
+
+def masked_attention(module: nn.Module, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
+                     rules: Rules = None, *, where: jnp.ndarray | None = None,
+                     name: str = "attention") -> jnp.ndarray:
+    """Softmax attention with a mask, the map materialised: ``q [B, Lq, heads, D]`` (already
+    scaled), ``k, v [B, Lk, heads, D]``, ``where`` broadcastable to ``[B, heads, Lq, Lk]``
+    (False: masked, no probability and no relevance) -> context ``[B, Lq, heads, D]``.
+
+    For the decoder's causal self-attention and its cross-attention (Lq <= 448 tokens, so
+    ``[B, heads, Lq, Lk]`` is small). The probabilities are tapped as ``name`` when
+    :data:`KEEP_ATTENTION_MAPS` is mutable, and a ``perturbations`` entry of that name is
+    added to them (Grad-CAM, gradient rollout), as :func:`attention` does.
+    """
+    probs = lrp.attention_weights(lrp.bilinear("bqhd,bkhd->bhqk", q, k, rules), rules,
+                                  where=where)
+    if module.has_variable("perturbations", name):
+        probs = probs + module.get_variable("perturbations", name)
+    if module.is_mutable_collection(KEEP_ATTENTION_MAPS):
+        module.sow("intermediates", name, probs)
+    return lrp.bilinear("bhqk,bkhd->bqhd", probs, v, rules)
 
 
 def _divisor_at_most(n: int, cap: int) -> int:

@@ -73,6 +73,9 @@ class Family:
     # simply consecutive hops of the clip (CLAP's repeat padding, crops, fusion's
     # channels). None: each frame's relevance spread over its hop.
     waveform_relevance: Callable[..., jnp.ndarray] | None = None
+    # ``init_inputs(config, batch)`` -> extra keyword inputs for init only, so that every
+    # param is made (Whisper's decoder needs a token prefix); the forward takes them too.
+    init_inputs: Callable[[Any, int], dict] = lambda config, batch: {}
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -135,9 +138,15 @@ def flatten_intermediates(tree: Mapping) -> dict[str, jnp.ndarray]:
     return flat
 
 
+def _init_example(config):
+    family = family_of(config)
+    spec, kwargs = family.example_features(config, 1)
+    return spec, {**kwargs, **family.init_inputs(config, 1)}
+
+
 def init_params(config, seed: int = 0) -> dict:
     """Random params for ``config`` (the families' initialisers), as a plain nested dict."""
-    spec, kwargs = family_of(config).example_features(config, 1)
+    spec, kwargs = _init_example(config)
     x = jnp.zeros(spec.shape, spec.dtype)
     module = _module(config, None, False)
     variables = jax.jit(module.init)(jax.random.key(seed), x, **kwargs)
@@ -146,7 +155,7 @@ def init_params(config, seed: int = 0) -> dict:
 
 def param_shapes(config) -> dict:
     """``ShapeDtypeStruct`` tree of the params, without allocating them (``jax.eval_shape``)."""
-    spec, kwargs = family_of(config).example_features(config, 1)
+    spec, kwargs = _init_example(config)
     module = _module(config, None, False)
     return jax.eval_shape(lambda k, x: module.init(k, x, **kwargs), jax.random.key(0), spec)[
         "params"]

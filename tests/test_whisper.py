@@ -64,7 +64,8 @@ def test_whisper_model_folder_matches_transformers(tmp_path, features_80, safe):
     hf = random_hf(WhisperModel, hf_config(), seed=0)
     hf.save_pretrained(tmp_path, safe_serialization=safe)
     m = js.load(tmp_path)
-    assert m.config == WhisperConfig(80, 64, 2, 4, 128)
+    assert m.config.encoder_only() == WhisperConfig(80, 64, 2, 4, 128)
+    assert m.config.decoder_layers == 1 and m.config.vocab_size == 64
     assert rel_diff(m.apply(m.params, features_80), reference_encoder_output(hf, features_80)) < TOL
 
 
@@ -97,25 +98,27 @@ def test_folder_written_by_transformers_5_loads(tmp_path, features_80):
 _HF_TO_OPENAI = {"self_attn.q_proj": "attn.query", "self_attn.k_proj": "attn.key",
                  "self_attn.v_proj": "attn.value", "self_attn.out_proj": "attn.out",
                  "self_attn_layer_norm": "attn_ln", "fc1": "mlp.0", "fc2": "mlp.2",
-                 "final_layer_norm": "mlp_ln"}
+                 "final_layer_norm": "mlp_ln", "encoder_attn.q_proj": "cross_attn.query",
+                 "encoder_attn.k_proj": "cross_attn.key", "encoder_attn.v_proj": "cross_attn.value",
+                 "encoder_attn.out_proj": "cross_attn.out", "encoder_attn_layer_norm": "cross_attn_ln"}
 
 
 def to_openai_state(hf_model):
+    """OpenAI's names (whisper/model.py) for an HF ``WhisperModel``'s tensors."""
     out = {}
     for name, tensor in hf_model.state_dict().items():
-        if not name.startswith("encoder."):
-            out["decoder." + name.split(".", 1)[1]] = tensor
-            continue
-        rest = name[len("encoder."):]
-        if rest == "embed_positions.weight":
+        part, rest = name.split(".", 1)
+        if rest in ("embed_positions.weight",):
             rest = "positional_embedding"
+        elif rest == "embed_tokens.weight":
+            rest = "token_embedding.weight"
         elif rest.startswith("layer_norm."):
-            rest = "ln_post." + rest.split(".", 1)[1]
+            rest = ("ln_post." if part == "encoder" else "ln.") + rest.split(".", 1)[1]
         elif rest.startswith("layers."):
             _, i, tail = rest.split(".", 2)
             module, leaf = tail.rsplit(".", 1)
             rest = f"blocks.{i}.{_HF_TO_OPENAI[module]}.{leaf}"
-        out["encoder." + rest] = tensor
+        out[f"{part}.{rest}"] = tensor
     return out
 
 
@@ -193,18 +196,31 @@ def test_orbax_checkpoint_with_edited_config_is_refused(tmp_path):
 # --- model behaviour -----------------------------------------------------------------------
 
 def test_presets_have_transformers_parameter_counts():
-    sizes = {"whisper-tiny": (384, 4, 6, 80), "whisper-base": (512, 6, 8, 80),
-             "whisper-small": (768, 12, 12, 80), "whisper-medium": (1024, 24, 16, 80),
-             "whisper-large-v2": (1280, 32, 20, 80), "whisper-large-v3": (1280, 32, 20, 128),
-             "whisper-large-v3-turbo": (1280, 32, 20, 128)}
+    """Every released size (OpenAI's dims): d_model, layers, heads, mels, decoder layers, vocab;
+    counted as transformers' WhisperModel (proj_out is tied to the token embedding)."""
+    sizes = {"whisper-tiny": (384, 4, 6, 80, 4, 51865), "whisper-tiny.en": (384, 4, 6, 80, 4, 51864),
+             "whisper-base": (512, 6, 8, 80, 6, 51865), "whisper-base.en": (512, 6, 8, 80, 6, 51864),
+             "whisper-small": (768, 12, 12, 80, 12, 51865),
+             "whisper-small.en": (768, 12, 12, 80, 12, 51864),
+             "whisper-medium": (1024, 24, 16, 80, 24, 51865),
+             "whisper-medium.en": (1024, 24, 16, 80, 24, 51864),
+             "whisper-large-v2": (1280, 32, 20, 80, 32, 51865),
+             "whisper-large-v3": (1280, 32, 20, 128, 32, 51866),
+             "whisper-large-v3-turbo": (1280, 32, 20, 128, 4, 51866)}
     assert set(PRESETS) == set(sizes)
     from jaxspeech.model import count_params, param_shapes
 
-    for name, (d, n, h, mels) in sizes.items():
+    for name, (d, n, h, mels, dec, vocab) in sizes.items():
+        cfg = HFWhisperConfig(num_mel_bins=mels, d_model=d, encoder_layers=n,
+                              encoder_attention_heads=h, encoder_ffn_dim=4 * d,
+                              decoder_layers=dec, decoder_attention_heads=h,
+                              decoder_ffn_dim=4 * d, vocab_size=vocab)
         with torch.device("meta"):
-            encoder = WhisperModel(hf_config(mels, d, n, h, 4 * d)).encoder
-        expected = sum(p.numel() for p in encoder.parameters())
-        assert count_params(param_shapes(PRESETS[name])) == expected, name
+            model = WhisperModel(cfg)
+        assert count_params(param_shapes(PRESETS[name])) == sum(
+            p.numel() for p in model.parameters()), name
+        assert count_params(param_shapes(PRESETS[name].encoder_only())) == sum(
+            p.numel() for p in model.encoder.parameters()), name
 
 
 def test_intermediates_have_every_layer_and_attention_map():
@@ -268,7 +284,7 @@ def test_whisper_base_full_size_end_to_end(tmp_path):
     hf = random_hf(WhisperModel, config, seed=6)
     hf.save_pretrained(tmp_path)
     m = js.load(tmp_path)
-    assert m.config == PRESETS["whisper-base"]
+    assert m.config.encoder_only() == PRESETS["whisper-base"].encoder_only()
     wave = synth.harmonic_sweep(30.0, 16000)[None]
     features = WhisperFeatureExtractor(feature_size=80)(
         list(wave), sampling_rate=16000, return_tensors="np")["input_features"]

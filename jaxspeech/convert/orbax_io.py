@@ -19,6 +19,19 @@ from jaxspeech.model import Model, config_from_dict, config_to_dict, param_shape
 
 META = "jaxspeech.json"
 FORMAT_VERSION = 1
+# A tokenizer (Whisper's tokenizer.json) travels as a file of its own next to the params.
+TOKENIZER_KEY, TOKENIZER_FILE = "tokenizer_json", "tokenizer.json"
+
+
+def _json_able(value) -> bool:
+    """Scalars, and lists / dicts of them (Whisper's generation settings)."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_json_able(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _json_able(v) for k, v in value.items())
+    return False
 
 
 def detect(path: str) -> bool:
@@ -39,12 +52,14 @@ def save(model: Model, path: str | os.PathLike, *, overwrite: bool = False) -> s
         with ocp.StandardCheckpointer() as ckpt:
             ckpt.save(tmp / "params", params)
         extras = {k: v for k, v in model.extras.items()
-                  if isinstance(v, (str, int, float, bool)) and k != "converted_from"}
+                  if _json_able(v) and k not in ("converted_from", TOKENIZER_KEY)}
         # the format recorded is the original one, also when re-saving a converted model
         extras["format"] = model.extras.get("converted_from") or model.extras.get("format")
         meta = {"format_version": FORMAT_VERSION, "config": config_to_dict(model.config),
                 "source": model.source, "extras": extras}
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        if model.extras.get(TOKENIZER_KEY):
+            (tmp / TOKENIZER_FILE).write_text(model.extras[TOKENIZER_KEY])
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -78,6 +93,8 @@ def load(path: str | os.PathLike) -> Model:
             raise CheckpointError(f"{path} does not match its config:\n  " + "\n  ".join(problems))
         params = ckpt.restore(path / "params", expected)
     extras = dict(meta.get("extras", {}))
+    if (path / TOKENIZER_FILE).is_file():
+        extras[TOKENIZER_KEY] = (path / TOKENIZER_FILE).read_text()
     extras["converted_from"] = extras.pop("format", None)
     extras["format"] = "jaxspeech"
     return Model(config, params, source=meta.get("source") or str(path), extras=extras)
