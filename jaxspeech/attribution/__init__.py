@@ -14,6 +14,7 @@ and ``saliency``, ``gradient_x_input``, ``integrated_gradients``, ``smoothgrad``
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -99,7 +100,7 @@ class Attribution:
 def attribute(
     model,
     wave=None,
-    target: Target | None = None,
+    target: Target | Callable | None = None,
     method: str = "attnlrp",
     *,
     features=None,
@@ -130,12 +131,16 @@ def attribute(
     IG steps / SmoothGrad samples computed at once. ``params``: explain another
     params tree (a randomised copy, say) with the same model.
     Keyword options of the front end (``lengths``, CLAP's ``key``) pass through.
+
+    ``target``: a :mod:`jaxspeech.targets` target, or a plain function ``fn(y) -> [B]`` of
+    the output ``y = m.apply(params, x)`` (wrapped as ``js.targets.custom(fn)``); default
+    :func:`jaxspeech.targets.default`.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     params = model.params if params is None else params
     features, kwargs = model.inputs(wave, features, sample_rate=sample_rate, **prepare_options)
-    target = targets.default(model) if target is None else target
+    target = targets.resolve(model, target)  # None: the default; a function: custom
     config = model.config
     extras: dict[str, Any] = {}
 

@@ -18,6 +18,7 @@ scale-invariant: its plain ``x · grad`` is 0).
     js.targets.layer_norm("layers.3.hidden_state", frames=np.arange(100, 200))
     js.targets.layer_direction("layers.3.hidden_state", direction, frames=mask)
     js.targets.custom(lambda y: y[:, 0, 5])                  # any function of the output
+    js.attribute(m, wave, target=lambda y: y[:, 0, 5])       # the same: wrapped as custom
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ import numpy as np
 from .. import lrp
 
 __all__ = ["Target", "class_logit", "predicted_class", "linear_probe", "cosine_similarity",
-           "text_similarity", "layer_norm", "layer_direction", "output_norm", "custom", "default"]
+           "text_similarity", "layer_norm", "layer_direction", "output_norm", "custom", "as_target",
+           "resolve", "default"]
 
 
 @jax.tree_util.register_dataclass
@@ -202,19 +204,53 @@ def layer_direction(layer: str | None, direction, frames=None) -> Target:
 
 
 def custom(fn: Callable[[jnp.ndarray], jnp.ndarray], *, layer: str | None = None,
-           name: str = "custom") -> Target:
-    """Any function of the output (or of ``layer``'s output) giving ``[B]``. Pass the same
-    function object each time to reuse the compiled attribution."""
-    return Target(_custom_adapter(fn), name, layer)
+           name: str | None = None) -> Target:
+    """Any function ``fn(y) -> [B]`` (one value per item) of the output ``y`` — what
+    ``m.apply`` returns: Whisper ``[B, frames, d_model]``, ECAPA ``[B, 192]``, CLAP
+    ``[B, 512]`` — or, with ``layer``, of that intermediate (``m.forward``'s names).
+    ``fn`` must be traceable by JAX (``jnp`` ops, no ``float()`` of its input).
+
+    ``name`` (reports, plot titles): default ``fn.__name__``, ``"custom"`` for a lambda.
+    A plain function passed as ``target=`` to :func:`jaxspeech.attribute` is wrapped
+    here. The compiled attribution is reused for the same function object: define the
+    function once, not a new lambda per call."""
+    if not callable(fn):
+        raise TypeError(f"custom(fn) needs a function fn(output) -> [batch], got {type(fn).__name__}")
+    if name is None:
+        name = getattr(fn, "__name__", "")
+        name = name if name.isidentifier() else "custom"  # "<lambda>", partials
+    return Target(_OfSource(fn), name, layer)
 
 
-_ADAPTERS: dict[Callable, Callable] = {}
+@dataclasses.dataclass(frozen=True)
+class _OfSource:
+    """``fn(source)`` in the ``(source, args, params, rules)`` signature of a Target's
+    function. Equal (and hashing alike) for the same ``fn``, so jit, which keys its cache on
+    the static function, reuses one compilation per user function."""
+
+    fn: Callable
+
+    def __call__(self, source, args, params, rules):
+        return self.fn(source)
 
 
-def _custom_adapter(fn):
-    if fn not in _ADAPTERS:
-        _ADAPTERS[fn] = lambda source, args, params, rules: fn(source)
-    return _ADAPTERS[fn]
+def as_target(target) -> Target:
+    """``target`` as a :class:`Target`: a Target passes through, a plain function of the
+    output is wrapped by :func:`custom`; anything else raises ``TypeError``."""
+    if isinstance(target, Target):
+        return target
+    if callable(target):
+        return custom(target)
+    raise TypeError(
+        f"target must be a jaxspeech.targets.Target (js.targets.output_norm(), "
+        f"js.targets.class_logit(3), ...) or a function of the output, fn(y) -> [batch], which "
+        f"js.targets.custom(fn) wraps; got {type(target).__name__} {target!r:.60}")
+
+
+def resolve(model, target) -> Target:
+    """The target an entry point explains: :func:`default` for ``None``, else
+    :func:`as_target`."""
+    return default(model) if target is None else as_target(target)
 
 
 def default(model) -> Target:
