@@ -14,10 +14,16 @@ Documented conversions (no error):
 
 Errors (``AudioError``, a ``ValueError``): a sample rate other than the model's,
 multi-channel audio, an empty clip, NaN or inf samples, more than 3 dimensions.
+
+Files are another matter: :func:`read` is the explicit conversion (what the command
+line uses), so it resamples and averages channels, and says so on the
+``jaxspeech.audio`` logger: a warning the first time a file needs a given conversion,
+then one INFO line per file (a corpus of 44.1 kHz files is not one warning per file).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 
@@ -25,6 +31,8 @@ import jax
 import numpy as np
 
 __all__ = ["AudioError", "as_batch", "read", "resample", "pcm_to_float"]
+
+log = logging.getLogger("jaxspeech.audio")
 
 
 class AudioError(ValueError):
@@ -147,7 +155,8 @@ def resample(wave: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
 
 def read(path: str | os.PathLike, sample_rate: int, *, mono: bool = True) -> np.ndarray:
     """Read an audio file (wav/flac/ogg via soundfile, others via librosa) as
-    float32 ``[samples]`` at ``sample_rate``; channels are averaged when ``mono``."""
+    float32 ``[samples]`` (``[channels, samples]`` when not ``mono``) at ``sample_rate``;
+    channels are averaged when ``mono``. Either conversion is logged (``jaxspeech.audio``)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such audio file: {path}")
@@ -169,11 +178,34 @@ def read(path: str | os.PathLike, sample_rate: int, *, mono: bool = True) -> np.
         data = np.atleast_2d(data).T
     if data.shape[0] == 0:
         raise AudioError(f"{path} holds no samples")
+    _report_conversion(path, rate, data.shape[1], sample_rate, mono)
     if mono:
         data = data.mean(axis=1)
     elif data.shape[1] == 1:
         data = data[:, 0]
     return resample(data.T if data.ndim == 2 else data, rate, sample_rate)
+
+
+_REPORTED: set[tuple[int, int, int]] = set()  # conversions already warned about
+
+
+def _report_conversion(path: str, rate: int, channels: int, sample_rate: int, mono: bool) -> None:
+    """Log what :func:`read` changes (rate, channels): a warning the first time a
+    conversion is met in this process, INFO for each file after it."""
+    done = []
+    if mono and channels > 1:
+        done.append(f"{channels} channels averaged to mono")
+    if int(rate) != int(sample_rate):
+        done.append(f"resampled {rate} -> {sample_rate} Hz (soxr)")
+    if not done:
+        return
+    kind = (int(rate), channels if mono else 1, int(sample_rate))
+    if kind in _REPORTED:
+        log.info("%s: %s", path, ", ".join(done))
+        return
+    _REPORTED.add(kind)
+    log.warning("%s: %s (further files converted the same way are logged at INFO level)",
+                path, ", ".join(done))
 
 
 def stack_clips(clips: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

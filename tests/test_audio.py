@@ -1,5 +1,9 @@
 """Bad input gets a clear error; documented conversions behave as documented."""
 
+import logging
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +11,7 @@ import pytest
 import soundfile as sf
 
 import jaxspeech as js
+from jaxspeech import audio
 from jaxspeech.audio import AudioError, as_batch, pcm_to_float, read
 from jaxspeech.data import synth
 
@@ -79,3 +84,28 @@ def test_read_resamples_and_mixes_down(tmp_path):
     assert wave.ndim == 1 and abs(wave.shape[0] - 16000) <= 1
     with pytest.raises(FileNotFoundError):
         read(tmp_path / "missing.wav", 16000)
+
+
+def test_read_says_what_it_converted(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(audio, "_REPORTED", set())  # as in a fresh process
+    stereo = np.stack([synth.harmonic_sweep(1.0, 8000), synth.noise_bursts(1.0, 8000)], axis=1)
+    for name in ("a.wav", "b.wav"):
+        sf.write(tmp_path / name, stereo, 8000)
+    sf.write(tmp_path / "ready.wav", synth.harmonic_sweep(1.0, 16000), 16000)
+    with caplog.at_level(logging.INFO, logger="jaxspeech.audio"):
+        for name in ("a.wav", "b.wav", "ready.wav"):
+            read(tmp_path / name, 16000)
+    logged = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "jaxspeech.audio"]
+    done = "2 channels averaged to mono, resampled 8000 -> 16000 Hz"
+    assert [level for level, _ in logged] == [logging.WARNING, logging.INFO]  # nothing for ready.wav
+    assert logged[0][1].startswith(f"{tmp_path / 'a.wav'}: {done}")
+    assert logged[1][1] == f"{tmp_path / 'b.wav'}: {done} (soxr)"
+
+
+def test_read_conversion_shows_on_stderr_with_no_logging_set_up(tmp_path):
+    """As in the command line, which configures no logging: the warning reaches stderr."""
+    sf.write(tmp_path / "cd.wav", np.zeros((4410, 2), np.float32), 44100)
+    run = subprocess.run([sys.executable, "-c", "import sys; from jaxspeech.audio import read; "
+                          "read(sys.argv[1], 16000)", str(tmp_path / "cd.wav")],
+                         capture_output=True, text=True, timeout=120, check=True)
+    assert "cd.wav: 2 channels averaged to mono, resampled 44100 -> 16000 Hz" in run.stderr
