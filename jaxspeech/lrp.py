@@ -374,36 +374,58 @@ def _gamma_fwd(fn, gamma, eps, x, w, b):
 
 
 def _gamma_bwd(fn, gamma, eps, res, g):
-    """zennit's Gamma (``gamma``) or ZPlus (``gamma=None``), in two transposed maps.
+    """zennit's Gamma (``gamma``) or ZPlus (``gamma=None``).
 
     Gamma: outputs with z > 0 are explained by the contributions that push them up
     (x⁺ with W + γW⁺ and x⁻ with W + γW⁻), outputs with z < 0 by those that push
-    them down; ZPlus keeps only the positive contributions x⁺W⁺ + x⁻W⁻. Written out
-    literally that is four modified maps forward and four back. With W± = (W ± |W|)/2
-    and x± = (x ± |x|)/2 every one of them is a combination of two maps, ``W`` and
-    ``|W|`` (on ``x`` and ``|x|``), so the backward costs one forward map (``|W||x|``;
-    ``Wx`` is the saved z) and two transposed ones:
+    them down. Written out literally that is four modified maps forward and four back.
+    With W± = (W ± |W|)/2 and x± = (x ± |x|)/2 every one of them is a combination of
+    two maps, ``W`` and ``|W|`` (on ``x`` and ``|x|``), so the backward costs one forward
+    map (``|W||x|``; ``Wx`` is the saved z) and two transposed ones:
 
         up/down denominators  z_± = (1 + γ/2) z ± (γ/2) v,      v = |W||x| + |b|
         relevance             (1 + γ/2) x·Wᵀ(s₊ + s₋) + (γ/2) |x|·|W|ᵀ(s₊ − s₋)
-        ZPlus                 z⁺ = (z + v)/2,  relevance ½ (x·Wᵀs + |x|·|W|ᵀs)
+
+    ZPlus keeps only the positive contributions x⁺W⁺ + x⁻W⁻ (:func:`_zplus_input`).
     """
     x, w, b, z = res
     zeros_b = None if b is None else jnp.zeros_like(b)
+    if gamma is None:
+        return _zplus_input(fn, eps, x, w, b, z * g), jnp.zeros_like(w), zeros_b
     ax, aw = jnp.abs(x), jnp.abs(w)
     v = fn(ax, aw, None if b is None else jnp.abs(b))
     back_w = jax.vjp(lambda x_: fn(x_, w, zeros_b), x)[1]
     back_aw = jax.vjp(lambda x_: fn(x_, aw, zeros_b), x)[1]
     r_out = z * g
     sign = jnp.sign(x)  # relevance / x: the cotangent; 0 where x = 0 (no relevance there)
-    if gamma is None:
-        s = r_out / _stabilize(0.5 * (z + v), eps)
-        gx = 0.5 * (back_w(s)[0] + sign * back_aw(s)[0])
-    else:
-        s_up = jnp.where(z > 0, r_out / _stabilize((1 + gamma / 2) * z + (gamma / 2) * v, eps), 0)
-        s_dn = jnp.where(z < 0, r_out / _stabilize((1 + gamma / 2) * z - (gamma / 2) * v, eps), 0)
-        gx = (1 + gamma / 2) * back_w(s_up + s_dn)[0] + (gamma / 2) * sign * back_aw(s_up - s_dn)[0]
+    s_up = jnp.where(z > 0, r_out / _stabilize((1 + gamma / 2) * z + (gamma / 2) * v, eps), 0)
+    s_dn = jnp.where(z < 0, r_out / _stabilize((1 + gamma / 2) * z - (gamma / 2) * v, eps), 0)
+    gx = (1 + gamma / 2) * back_w(s_up + s_dn)[0] + (gamma / 2) * sign * back_aw(s_up - s_dn)[0]
     return jnp.where(x == 0, 0.0, gx), jnp.zeros_like(w), zeros_b
+
+
+def _zplus_input(fn, eps, x, w, b, r_out):
+    """ZPlus: the cotangent at ``x`` for output relevance ``r_out``, as zennit computes it:
+    z⁺ = x⁺W⁺ + b⁺ + x⁻W⁻ forward and each part's transpose back, two maps each way.
+
+    Not the two-map form of Gamma (z⁺ = (z + v)/2 and ½(x·Wᵀs + |x|·|W|ᵀs)): at an output
+    with no positive contribution z⁺ is 0 in exact arithmetic, but z + v cancels to
+    float32 noise, s = R/(z⁺ + ε) becomes ~R/ε, and x·Wᵀs + |x|·|W|ᵀs, which cancels
+    exactly only in exact arithmetic, hands that noise times 1/ε to the inputs (on the
+    ECAPA test model 0.4–1 % of the relevance on one CPU, up to 6 % on another). Here
+    every term of z⁺ is ≥ 0, so z⁺ = 0 exactly where there is no positive contribution;
+    such an output's relevance has nowhere to go and is dropped, by definition, and
+    every other output's is conserved to float32 rounding.
+    """
+    xp, xn = jnp.maximum(x, 0), jnp.minimum(x, 0)
+    zeros_b = None if b is None else jnp.zeros_like(b)
+    zp, back_p = jax.vjp(lambda x_: fn(x_, jnp.maximum(w, 0), None if b is None
+                                       else jnp.maximum(b, 0)), xp)
+    zn, back_n = jax.vjp(lambda x_: fn(x_, jnp.minimum(w, 0), zeros_b), xn)
+    total = zp + zn
+    # 0 where z⁺ = 0: such an output sends 0·R/ε (and with ε = 0 it would be 0·inf = NaN)
+    s = jnp.where(total == 0, 0.0, r_out / _stabilize(total, eps))
+    return jnp.where(x > 0, back_p(s)[0], jnp.where(x < 0, back_n(s)[0], 0.0))
 
 
 def _safe_div(rel, x):

@@ -86,3 +86,32 @@ def test_two_map_gamma_backward_equals_the_four_map_definition(rule):
     theirs = _zennit_gamma(x, w, b, g, 0.5 if rule == "gamma" else None, 1e-6)
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * float(jnp.abs(theirs).max()))
     assert not np.any(ours[:, :3])
+
+
+def test_zplus_drops_exactly_the_outputs_without_a_positive_contribution():
+    """An output whose contributions xᵢWᵢⱼ are all ≤ 0 has z⁺ = 0: its relevance has nowhere
+    to go and is dropped; every other output's is conserved, even with ε -> 0. (A z⁺
+    computed as (z + |W||x|)/2 cancels to float32 noise there, and R/(noise + ε) leaked to
+    the inputs: ECAPA lost 1–8 % of its relevance, depending on the CPU.)"""
+    x, w, g = _arrays((16, 24), (24, 12), (16, 12), seed=2)
+    x = jnp.abs(x).at[:, :3].set(0.0)  # ≥ 0 with zeros, as after a ReLU
+    w = w.at[:, 0].set(-jnp.abs(w[:, 0]))  # output 0: every weight ≤ 0
+    w = w.at[3:, 1].set(-jnp.abs(w[3:, 1]))  # output 1: positive weights only on zero inputs
+    assert np.all(w[:3, 1] != 0)
+    rules = lrp.RULE_SETS["zplus"].with_params(epsilon=1e-9)
+
+    def relevance(x_, w_):
+        _, vjp = jax.vjp(lambda t: lrp.linear(_dense, t, w_, None, rules), x_)
+        return np.asarray(x_ * vjp(g)[0], np.float64)
+
+    for x_, w_ in ((x, w), (-x, -w)):  # and x⁻W⁻ for inputs ≤ 0: both signs flipped
+        r_in = relevance(x_, w_)
+        r_out = np.asarray(_dense(x_, w_, None) * g, np.float64)
+        # what is dropped is far above the bound below: the test sees the drop
+        assert np.all(np.abs(r_out[:, :2].sum(1)) > 1e-3 * np.abs(r_out).sum(1))
+        # A float32 sum of n terms is within (n - 1)·2⁻²⁴ of the sum of their |values|
+        # whatever the order (Higham's bound). z⁺ (24 terms ≥ 0), the transposed map (12)
+        # and ΣR_in (24) stack to ≤ 60·2⁻²⁴ = 3.6e-6 of Σ|R_out|; ε = 1e-9 keeps another
+        # ε/z⁺ < 1e-8 of it (z⁺ > 0.1 on the kept outputs): 1e-5 covers both.
+        err = np.abs(r_in.sum(1) - r_out[:, 2:].sum(1)) / np.abs(r_out).sum(1)
+        assert np.all(err < 1e-5), err
