@@ -15,18 +15,24 @@ is a linear probe (:mod:`jaxspeech.probe`) on the output, so it is an ordinary
 
 Files: ``planted_whisper/model.npz`` (params ``params/<path>`` + ``config`` and
 ``meta`` JSON) and ``planted_whisper/head.npz`` (a probe npz).
+
+Real speech: :func:`speech_clips` lists the espeak-ng clips in ``speech/`` (16 kHz
+FLAC + ``clips.json``), most with each word's span known to the sample
+(``python scripts/make_speech_clips.py`` remakes them).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 __all__ = ["load_default", "default_head", "default_planted", "save_model_npz", "load_model_npz",
-           "write_demo_clips", "demo_clips", "DEFAULT_DIR", "DEFAULT_CONFIG", "PLANTED"]
+           "write_demo_clips", "demo_clips", "DEFAULT_DIR", "DEFAULT_CONFIG", "PLANTED",
+           "SpeechClip", "speech_clips", "SPEECH_DIR"]
 
 DEFAULT_DIR = Path(__file__).parent / "planted_whisper"
 # The architecture and the data the default is trained on (the script reads these).
@@ -125,3 +131,50 @@ def demo_clips() -> tuple[list[Path], np.ndarray, np.ndarray]:
     """The shipped sample clips: ``(wav paths, labels [n], evidence masks [n, 80, 200])``."""
     with np.load(CLIPS_DIR / "masks.npz") as data:
         return [CLIPS_DIR / str(f) for f in data["files"]], data["labels"], data["masks"]
+
+
+SPEECH_DIR = Path(__file__).parent / "speech"
+
+
+@dataclass(frozen=True)
+class SpeechClip:
+    """One shipped espeak-ng clip (``scripts/make_speech_clips.py``).
+
+    ``words``: ``((word, start_s, end_s), ...)``, each word's voiced span in seconds, for
+    clips made word by word (the spans are separated by digital silence); ``None`` for
+    clips spoken as one sentence. ``read()`` gives the wave, float32 ``[samples]`` at
+    ``sample_rate`` (16 kHz).
+    """
+
+    id: str
+    text: str
+    voice: str
+    path: Path
+    sample_rate: int
+    words: tuple[tuple[str, float, float], ...] | None
+
+    def read(self) -> np.ndarray:
+        """The clip as float32 ``[samples]`` at ``self.sample_rate``."""
+        from jaxspeech.audio import read
+
+        return read(self.path, self.sample_rate)
+
+
+def speech_clips(folder: str | os.PathLike = SPEECH_DIR) -> list[SpeechClip]:
+    """The clips listed in ``folder/clips.json`` (by default the shipped ones: 8 with
+    word spans, then 3 whole sentences). A manifest entry lacking a field raises
+    ``ValueError`` naming the clip and the field."""
+    folder = Path(folder)
+    manifest = json.loads((folder / "clips.json").read_text())
+    clips = []
+    for entry in manifest["clips"]:
+        missing = sorted({"id", "file", "text", "voice", "sample_rate", "words"} - set(entry))
+        if missing:
+            raise ValueError(f"{folder / 'clips.json'}: clip {entry.get('id', '?')!r} lacks {missing}")
+        words = entry["words"]
+        clips.append(SpeechClip(
+            id=entry["id"], text=entry["text"], voice=entry["voice"], path=folder / entry["file"],
+            sample_rate=int(entry["sample_rate"]),
+            words=None if words is None else tuple((w["word"], float(w["start"]), float(w["end"]))
+                                                   for w in words)))
+    return clips
