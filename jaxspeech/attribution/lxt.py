@@ -22,36 +22,74 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-__all__ = ["lxt_whisper_encoder", "lxt_whisper_relevance"]
+__all__ = ["lxt_whisper_encoder", "lxt_whisper_relevance", "lxt_whisper",
+           "lxt_whisper_token_relevance"]
 
 
 @contextlib.contextmanager
-def lxt_whisper_encoder(folder, cp: bool = False) -> Iterator:
-    """``transformers``' ``WhisperEncoder`` of the HF folder (eager attention, eval mode) with
-    LXT's AttnLRP (``cp=False``) or CP-LRP (``cp=True``) rules patched in; every patch is
-    undone on exit."""
+def lxt_whisper(folder, cp: bool = False, part: str = "conditional") -> Iterator:
+    """``transformers``' Whisper of the HF folder (eager attention, eval mode) with LXT's AttnLRP
+    (``cp=False``) or CP-LRP (``cp=True``) rules patched in; every patch is undone on exit.
+    ``part``: ``"conditional"`` (``WhisperForConditionalGeneration``: encoder, decoder and the
+    tied output projection) or ``"encoder"``. LXT has no encoder-decoder support of its own;
+    its attention patch replaces ``eager_attention_forward``, which Whisper's causal
+    self-attention and cross-attention call as its encoder does, so the same rules apply."""
     import lxt.efficient.patches as patches
     import torch
     import transformers.models.whisper.modeling_whisper as hf_whisper
     from lxt.efficient.rules import identity_rule_implicit
-    from transformers import WhisperModel
+    from transformers import WhisperForConditionalGeneration, WhisperModel
 
     gelu = torch.nn.functional.gelu
     saved = hf_whisper.eager_attention_forward, dict(hf_whisper.ALL_ATTENTION_FUNCTIONS)
     torch.nn.functional.gelu = lambda x, *a, **k: identity_rule_implicit(gelu, x)
     try:  # the model is built inside the patch: GELUActivation captures F.gelu at init
-        encoder = WhisperModel.from_pretrained(folder, attn_implementation="eager").encoder.eval()
-        encoder.requires_grad_(False)  # as LXT's quick start: relevance needs input gradients only
+        if part == "encoder":
+            model = WhisperModel.from_pretrained(folder, attn_implementation="eager").encoder
+        else:
+            model = WhisperForConditionalGeneration.from_pretrained(
+                folder, attn_implementation="eager")
+        model.eval().requires_grad_(False)  # as LXT's quick start: input gradients only
         (patches.patch_cp_attention if cp else patches.patch_attention)(hf_whisper)
-        for module in encoder.modules():
+        for module in model.modules():
             if isinstance(module, torch.nn.LayerNorm):
                 module.forward = types.MethodType(patches.layer_norm_forward, module)
-        yield encoder
+        yield model
     finally:
         torch.nn.functional.gelu = gelu
         hf_whisper.eager_attention_forward = saved[0]
         hf_whisper.ALL_ATTENTION_FUNCTIONS.clear()
         hf_whisper.ALL_ATTENTION_FUNCTIONS.update(saved[1])
+
+
+@contextlib.contextmanager
+def lxt_whisper_encoder(folder, cp: bool = False) -> Iterator:
+    """The encoder alone under LXT's rules (:func:`lxt_whisper` with ``part="encoder"``)."""
+    with lxt_whisper(folder, cp, part="encoder") as encoder:
+        yield encoder
+
+
+def lxt_whisper_token_relevance(folder, features: np.ndarray, sequence: np.ndarray, n_text: int,
+                                cp: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Each text token's AttnLRP / CP-LRP relevance over the features, one backward per token
+    (LXT's way): ``sequence [B, S]`` is the decoder input (prompt + ``n_text`` text tokens);
+    token j's target is ``log p(sequence[:, S - n + j] | prefix)``. Returns
+    ``(relevance [B, n, n_mels, frames], score [B, n])``."""
+    import torch
+
+    seq = torch.from_numpy(np.asarray(sequence)).long()
+    start = seq.shape[1] - n_text
+    relevance, scores = [], []
+    with lxt_whisper(folder, cp) as model:
+        for j in range(n_text):
+            x = torch.from_numpy(np.asarray(features, np.float32)).requires_grad_(True)
+            logits = model(input_features=x, decoder_input_ids=seq).logits
+            logp = torch.log_softmax(logits[:, start + j - 1], dim=-1)
+            score = logp.gather(1, seq[:, start + j, None])[:, 0]
+            score.sum().backward()
+            relevance.append((x * x.grad).detach().numpy())
+            scores.append(score.detach().numpy())
+    return np.stack(relevance, 1), np.stack(scores, 1)
 
 
 def lxt_whisper_relevance(folder, features: np.ndarray, target: Callable, cp: bool = False,
