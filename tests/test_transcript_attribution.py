@@ -77,6 +77,10 @@ def test_scores_are_the_teacher_forced_log_probabilities(small, wave):
     p = tr.prompt_length
     expected = [logp[p + j - 1, t] for j, t in enumerate(tr.tokens[0])]
     np.testing.assert_allclose(tr.score[0], expected, rtol=1e-5)
+    by_logit = js.attribute_transcript(small, wave, text=TEXT, method="gradient_x_input",
+                                       target="logit")
+    logit = [logits[0, p + j - 1, t] for j, t in enumerate(tr.tokens[0])]
+    np.testing.assert_allclose(by_logit.score[0], logit, rtol=1e-5)
     assert "".join(tr.token_text[0]).strip() == TEXT
     assert [w for w, _ in tr.words[0]] == [" Stella", " bought", " seven", " apples"]
 

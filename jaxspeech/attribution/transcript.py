@@ -74,6 +74,7 @@ class TranscriptAttribution:
     num_frames: np.ndarray
     method: str
     reference: str | None
+    target: str = "logprob"
     extras: dict = dataclasses.field(default_factory=dict)
 
     def word_relevance(self, b: int) -> list[tuple[str, np.ndarray]]:
@@ -112,6 +113,7 @@ def attribute_transcript(
     noise_level: float = 0.1,
     key: jax.Array | None = None,
     rules: lrp.RuleSet | None = None,
+    target: str = "logprob",
     remat: bool = False,
 ) -> TranscriptAttribution:
     """Explain each text token of a transcript of ``wave`` (``[B, samples]`` at 16 kHz, a list
@@ -126,10 +128,15 @@ def attribute_transcript(
     ``gradient_x_input``, ``integrated_gradients`` (``steps``; baseline: silence, its
     completeness per token is in ``extras["completeness_gap"]``) or ``smoothgrad``.
     ``reference``: ``"silence"`` (relevance of ``x - x_silence``) or ``None`` (``x · grad``).
+    ``target``: ``"logprob"`` (default) or ``"logit"``, the token's pre-softmax logit (LXT's
+    usual target). A log-probability saturates: a word the model is sure of (log p ≈ 0) has
+    a near-zero gradient, so its map is faint; its logit does not saturate.
     """
     if method not in TRANSCRIPT_METHODS and rules is None:
         raise ValueError(f"unknown method {method!r} for transcripts; choose from "
                          f"{', '.join(TRANSCRIPT_METHODS)}")
+    if target not in ("logprob", "logit"):
+        raise ValueError(f"target={target!r}: expected 'logprob' or 'logit'")
     if reference not in ("silence", None):
         raise ValueError(f"reference={reference!r}: expected 'silence' or None")
     if m.kind != "whisper" or not m.config.has_decoder:
@@ -211,7 +218,8 @@ def attribute_transcript(
 
     x = jnp.asarray(features)
     x_ref = _silence(x) if reference == "silence" else jnp.zeros_like(x)
-    args = (m.config, m.params, jnp.asarray(seq), jnp.asarray(target_tok), jnp.asarray(alt))
+    args = (m.config, m.params, jnp.asarray(seq), jnp.asarray(target_tok), jnp.asarray(alt),
+            target == "logit")
     extras: dict[str, Any] = {}
     if method == "integrated_gradients":
         base = _silence(x)
@@ -272,7 +280,7 @@ def attribute_transcript(
         tokens=tokens, token_text=token_text, words=words, relevance=relevance,
         prefix_relevance=prefix, score=score, valid=valid, shares=shares, prompt_length=p,
         num_frames=np.asarray(num_frames), method=method if rules is None else rules.name,
-        reference=reference, extras=extras)
+        reference=reference, target=target, extras=extras)
 
 
 def clip_frames(n_samples, max_frames: int) -> np.ndarray:
@@ -300,13 +308,15 @@ def _shares(relevance, prefix, num_frames, valid) -> dict[str, np.ndarray]:
     return {k: np.where(valid, v, np.nan) for k, v in out.items()}
 
 
-@functools.partial(jax.jit, static_argnames=("config", "rules", "chunk", "remat"))
-def token_gradients(config, params, seq, target_tok, alt, x, rules=None, chunk=4, remat=False):
+@functools.partial(jax.jit, static_argnames=("config", "logit", "rules", "chunk", "remat"))
+def token_gradients(config, params, seq, target_tok, alt, logit, x, rules=None, chunk=4,
+                    remat=False):
     """One teacher-forced forward of ``seq [B, S]`` (prompt + text), then the backward of each
     text token's target mapped over the ``n`` tokens, ``chunk`` at a time.
 
     Target j: ``log p(target_tok[:, j] | prefix)`` read from the logits at position
-    ``S - n + j - 1`` (minus ``log p(alt[:, j])`` where ``alt >= 0``). Returns
+    ``S - n + j - 1`` (minus ``log p(alt[:, j])`` where ``alt >= 0``); with ``logit`` the
+    pre-softmax logits instead of log-probabilities. Returns
     ``(grad over x [n, B, ...], target [n, B], grad over the token embeddings [n, B, S, d],
     the embeddings [B, S, d])``; under ``rules`` the grads are LRP's.
     """
@@ -318,7 +328,9 @@ def token_gradients(config, params, seq, target_tok, alt, x, rules=None, chunk=4
         logits, state = module.apply(
             {"params": params, "perturbations": {"decoder": {"embeddings": delta}}},
             x_, tokens=seq, mutable=["intermediates"])
-        logp = jax.nn.log_softmax(logits[:, start - 1:start - 1 + n], axis=-1)  # [B, n, V]
+        logp = logits[:, start - 1:start - 1 + n]  # [B, n, V]
+        if not logit:
+            logp = jax.nn.log_softmax(logp, axis=-1)
         picked = jnp.take_along_axis(logp, target_tok[..., None], axis=-1)[..., 0]
         other = jnp.take_along_axis(logp, jnp.maximum(alt, 0)[..., None], axis=-1)[..., 0]
         emb = state["intermediates"]["decoder"]["embeddings"][0] - delta
