@@ -19,9 +19,10 @@ probe's params are a small pytree trained beside them with a pure, jitted step.
 ``DATA``: ``planted:N[:SEED]`` (:mod:`jaxspeech.data.planted` clips), a CSV manifest
 (``path,label`` rows, or a header naming the columns; paths relative to the CSV), or a
 folder with one sub-folder of audio files per class. ``--model``: a checkpoint folder
-(:func:`jaxspeech.load`), ``default`` (the shipped planted-evidence model) or a preset
-name (random weights). Prints train and held-out accuracy per layer and saves each
-probe as ``<out>/<layer>.npz`` (``w``, ``b``, ``layer``, ``classes``, ``pooling``).
+(:func:`jaxspeech.load`), ``default`` (the shipped planted-evidence model) or
+``init:PRESET`` (random weights), as every command takes it (:mod:`jaxspeech.checkpoints`).
+Prints train and held-out accuracy per layer and saves each probe as
+``<out>/<layer>.npz`` (``w``, ``b``, ``layer``, ``classes``, ``pooling``).
 """
 
 from __future__ import annotations
@@ -333,20 +334,10 @@ def _read_manifest(path: Path, label: str) -> list[tuple[Path, str]]:
 
 # --- command line ----------------------------------------------------------------------------
 
-def _load_model(name: str):
-    import jaxspeech as js
-
-    if name == "default":
-        from jaxspeech.assets import load_default
-
-        return load_default()[0]
-    if name in js.presets():
-        return js.init(name)
-    return js.load(name)
-
-
 def _cmd_probe(args) -> int:
-    model = _load_model(args.model)
+    from jaxspeech.checkpoints import resolve
+
+    model = resolve(args.model).model
     seconds = getattr(model.config, "n_samples", 2 * model.sample_rate) / model.sample_rate
     waves, lengths, labels, classes = read_dataset(args.data, model.sample_rate, args.label,
                                                    seconds=min(seconds, 2.0))
@@ -369,8 +360,9 @@ def add_commands(sub) -> None:
     p = sub.add_parser("probe", help="linear probes on every layer; held-out accuracy per layer")
     p.add_argument("data", help="planted:N[:SEED], a CSV manifest (path,label) or a folder of "
                                 "per-class sub-folders")
-    p.add_argument("--model", default="default",
-                   help="checkpoint folder, 'default' (shipped planted model) or a preset name")
+    from jaxspeech.cli import checkpoint_help
+
+    p.add_argument("--model", default="default", help=checkpoint_help("MODEL") + " (default: default)")
     p.add_argument("--layers", default="all", help="'all' or comma-separated layer names")
     p.add_argument("--label", default="label", help="the manifest column holding the label")
     p.add_argument("--out", default="probes", help="folder for <layer>.npz probes")

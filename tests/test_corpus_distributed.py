@@ -67,7 +67,7 @@ def _env(devices: int = 1, cache=None) -> dict:
 def _cli(root, out, *extra) -> list[str]:
     return [sys.executable, "-m", "jaxspeech.cli", "attribute-corpus", str(root / "corpus"),
             "--model", str(root / "model"), "--method", "attnlrp", "--target", "output-norm",
-            "--out", str(out), "--no-progress", *extra]
+            "--out", str(out), "--no-progress", "--allow-failures", *extra]  # broken.wav fails
 
 
 def _same(a, b, exact: bool) -> None:

@@ -1,13 +1,27 @@
 """``jaxspeech attribute CHECKPOINT AUDIO... --method --target --out DIR``.
 
-Writes, per input file, ``<name>.npz`` (relevance, score, features, relevance pooled to
-frames, and the run's configuration as JSON) and ``<name>.png`` (waveform above the
-spectrogram with the relevance over it). Files are batched; a progress bar counts
-them. A file that cannot be read is reported and skipped; what was written stays.
+The corpus runner (:mod:`jaxspeech.corpus`) on the files given, so a file gets the same
+stored result here as in ``attribute-corpus``: audio longer than the model's window is
+cut into windows (Whisper 30 s, CLAP 10 s) and laid back end to end, ECAPA clips are
+padded only to their length bucket (1, 2, 4 ... s) and masked, the relevance that fell on
+padding is cropped off and reported as ``relevance_outside``, and each clip's true length
+is recorded. DIR holds the run as a corpus results folder (``open_results(DIR)``;
+``--resume`` completes it) and, per file:
 
-Targets (``--target``):
-  output-norm                   norm of the model output (default; ECAPA with a
-                                classifier: predicted)
+  <name>.npz   relevance and features over the clip's own frames (the features' layout),
+               frames (relevance per frame), score (mean over windows), window_scores,
+               relevance_outside, relevance_outside_abs, n_samples, sample_rate, config (JSON)
+  <name>.png   the waveform, the features and the relevance over them, colour bar in
+               target units; the share of |R| that fell on padding in the title
+
+Exit status: 0 when every file was attributed; 1 when any failed (a missing or unreadable
+file is reported with its reason; what was written stays; --allow-failures: 0 when at
+least one was done); 2 for an error before the run (checkpoint, target, options).
+
+Targets (--target):
+  default                       the checkpoint's own: the shipped model's head decision,
+                                ECAPA with a classifier: predicted, else output-norm
+  output-norm                   norm of the model output
   predicted                     each item's top class (ECAPA classifier)
   class:N                       class N's logit (ECAPA classifier)
   layer-norm:LAYER              norm of a layer's output, e.g. layer-norm:layers.3.hidden_state
@@ -17,110 +31,106 @@ Targets (``--target``):
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
-import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+__all__ = ["add_commands", "run", "write_item", "output_names"]
+
 
 def add_commands(sub) -> None:
+    from jaxspeech.cli import checkpoint_help
+    from jaxspeech.corpus.cli import add_run_options
+
     p = sub.add_parser("attribute", help="explain audio files; writes .npz and .png per file",
-                       description=__doc__)
-    p.add_argument("checkpoint", help="a checkpoint folder/file, or init:PRESET (random weights)")
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help=checkpoint_help("CHECKPOINT"))
     p.add_argument("audio", nargs="+", help="audio files")
-    p.add_argument("--method", default="attnlrp", help="attribution method (default attnlrp)")
-    p.add_argument("--target", default=None, help="what to explain (see above)")
-    p.add_argument("--layer", default=None, help="Grad-CAM layer")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--batch-size", type=int, default=8)
+    add_run_options(p, batch_size=8)
     p.add_argument("--no-png", action="store_true", help="write .npz only")
     p.set_defaults(fn=run)
 
 
-def load_model(spec: str):
-    import jaxspeech as js
-
-    if spec.startswith("init:"):
-        return js.init(spec[len("init:"):])
-    return js.load(spec)
-
-
-def parse_target(spec: str | None, model, checkpoint: str):
-    import jaxspeech as js
-    from jaxspeech import audio
-
-    t = js.targets
-    if spec is None:
-        return t.default(model)
-    kind, _, arg = spec.partition(":")
-    if kind == "output-norm":
-        return t.output_norm()
-    if kind == "predicted":
-        return t.predicted_class()
-    if kind == "class":
-        return t.class_logit(int(arg))
-    if kind == "layer-norm":
-        return t.layer_norm(arg)
-    if kind == "cosine":
-        reference = np.asarray(model(audio.read(arg, model.sample_rate)))[0]
-        # a sequence output (Whisper [frames, d_model]) is pooled over frames, as the target
-        # pools the explained item's output
-        return t.cosine_similarity(reference.reshape(-1, reference.shape[-1]).mean(axis=0))
-    if kind == "text":
-        from jaxspeech.clap_text import clap_text_embeddings
-
-        return t.text_similarity(clap_text_embeddings(checkpoint, [arg]), 0)
-    raise ValueError(f"unknown target {spec!r}; see `jaxspeech attribute --help`")
+def output_names(paths: Sequence[str]) -> dict[str, str]:
+    """``{path: file name stem in --out}``; two inputs that would write the same name are
+    refused before anything runs."""
+    names: dict[str, str] = {}
+    for path in paths:
+        stem = Path(path).stem
+        other = next((p for p, s in names.items() if s == stem and p != path), None)
+        if other is not None:
+            raise ValueError(f"{other} and {path} would both write {stem}.npz; "
+                             "attribute them into different --out folders")
+        names[path] = stem
+    return names
 
 
 def run(args) -> int:
-    from tqdm import tqdm
+    from jaxspeech.checkpoints import resolve
+    from jaxspeech.corpus import batching, open_results
+    from jaxspeech.corpus.cli import exit_status, log_to_stderr, run_arguments, target_label
+    from jaxspeech.corpus.run import attribute_corpus
 
-    import jaxspeech as js
-    from jaxspeech import audio
-    from jaxspeech.attribution.plot import heatmap
+    names = output_names(args.audio)
+    ckpt = resolve(args.checkpoint)
+    log_to_stderr()
+    options = run_arguments(args, ckpt)
+    summary = attribute_corpus(ckpt.model, list(args.audio), args.out, **options)
+    layout = batching.layout_for(ckpt.model, window_seconds=options["window_seconds"],
+                                 bucket_seconds=options["bucket_seconds"])
+    results = open_results(args.out)
+    label = target_label(args, ckpt)
+    written = 0
+    for path, stem in names.items():
+        if path in results:
+            write_item(Path(args.out), stem, results[path], results.config, ckpt.model, layout,
+                       title=f"{Path(path).name}: {args.method}, target {label}",
+                       png=not args.no_png)
+            written += 1
+    print(f"attributed {written} of {len(names)} files -> {args.out}")
+    print(summary.text(), file=sys.stderr)
+    return exit_status(summary, args.allow_failures)
 
-    model = load_model(args.checkpoint)
-    target = parse_target(args.target, model, args.checkpoint)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    run_config = {"checkpoint": args.checkpoint, "kind": model.kind, "method": args.method,
-                  "target": args.target or target.name, "layer": args.layer,
-                  "jaxspeech": js.__version__}
-    failures = []
-    with tqdm(total=len(args.audio), unit="file", desc=f"{args.method}") as bar:
-        for start in range(0, len(args.audio), args.batch_size):
-            names, clips = [], []
-            for path in args.audio[start:start + args.batch_size]:
-                try:
-                    clips.append(audio.read(path, model.sample_rate))
-                    names.append(path)
-                except (OSError, ValueError) as e:
-                    failures.append((path, str(e)))
-                    bar.update(1)
-            if not clips:
-                continue
-            res = js.attribute(model, clips, target=target, method=args.method, layer=args.layer)
-            frames = np.asarray(res.frames())
-            for i, path in enumerate(names):
-                stem = out / Path(path).stem
-                tmp = f"{stem}.tmp.npz"
-                np.savez(tmp, relevance=np.asarray(res.relevance[i]), score=np.asarray(res.score[i]),
-                         features=np.asarray(res.features[i]), frames=frames[i],
-                         config=json.dumps({**run_config, "audio": os.path.abspath(path)}))
-                os.replace(tmp, f"{stem}.npz")
-                if not args.no_png:
-                    heatmap(f"{stem}.png", clips[i], np.asarray(res.features[i]),
-                            np.asarray(res.relevance[i]), time_axis=model.family.time_axis,
-                            sample_rate=model.sample_rate,
-                            hop_length=model.family.hop_length(model.config),
-                            title=f"{Path(path).name}: {args.method}, target "
-                                  f"{run_config['target']} = {float(res.score[i]):.4g}")
-                bar.update(1)
-    done = len(args.audio) - len(failures)
-    print(f"attributed {done} of {len(args.audio)} files -> {out}")
-    for path, why in failures:
-        print(f"  skipped {path}: {why}", file=sys.stderr)
-    return 0 if done else 1
+
+def write_item(out: Path, stem: str, result: dict, run_config: dict, model, layout, *,
+               title: str, png: bool = True) -> None:
+    """``out/<stem>.npz`` (and ``.png``) of one stored result (``open_results(out)[id]``),
+    each written atomically. The features are recomputed through the run's shapes
+    (:func:`jaxspeech.corpus.run.item_features`) from the audio, read again."""
+    from jaxspeech.corpus.run import item_features
+    from jaxspeech.corpus.sources import read_audio
+    from jaxspeech.corpus.store import write_atomic
+
+    wave = read_audio(result["source"], model.sample_rate)
+    features = item_features(model, layout, wave)
+    relevance = result["relevance"]
+    if features.shape != relevance.shape:  # the audio changed since the run
+        raise ValueError(f"{result['source']}: features {features.shape} but stored relevance "
+                         f"{relevance.shape}; the file changed after it was attributed")
+    config = {**run_config, "id": result["id"], "audio": result["source"]}
+    buf = io.BytesIO()
+    np.savez(buf, relevance=relevance, features=features, frames=result["frames"],
+             score=np.float32(result["score"]), window_scores=result["window_scores"],
+             relevance_outside=np.float32(result["relevance_outside"]),
+             relevance_outside_abs=np.float32(result["relevance_outside_abs"]),
+             n_samples=np.int64(result["n_samples"]), sample_rate=np.int64(result["sample_rate"]),
+             config=json.dumps(config, sort_keys=True, default=str))
+    write_atomic(out / f"{stem}.npz", buf.getvalue())
+    if not png:
+        return
+    from jaxspeech.attribution.plot import heatmap, padding_share
+
+    windows = len(result["window_scores"])
+    score = f"{result['score']:.4g}" + (f" (mean of {windows} windows)" if windows > 1 else "")
+    fig = heatmap(None, wave, features, relevance, time_axis=model.family.time_axis,
+                  sample_rate=model.sample_rate, hop_length=layout.hop, title=f"{title} = {score}",
+                  outside=padding_share(relevance, result["relevance_outside_abs"]))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    write_atomic(out / f"{stem}.png", buf.getvalue())
+

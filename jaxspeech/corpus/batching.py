@@ -19,7 +19,10 @@ the last window keeps the frames of its own samples: those centred inside the cl
 (``ceil(n / hop)``) for Whisper and CLAP, the frames the mask keeps (``1 + n // hop``) for
 ECAPA. Kept frames are laid end to end along time. Relevance that fell on frames of
 padding (Whisper's zeros, CLAP's repeats, ECAPA's masked frames, where it is zero) is not
-dropped silently: its total is reported per item as ``relevance_outside``. The item's
+dropped silently: its total is reported per item as ``relevance_outside``, and the total of
+its magnitude as ``relevance_outside_abs`` (sum of ``|R|`` over the padding's features; over
+its per-frame sums when only frames are kept), so a reader can say what share of ``|R|``
+the padding took. The item's
 ``score`` is the mean of its windows' scores (each window is a separate forward pass);
 all of them are kept as ``window_scores``.
 """
@@ -201,17 +204,20 @@ def kept_frames(layout: Layout, n_samples: int, is_last: bool, total: int) -> in
 
 
 def take_row(layout: Layout, relevance: np.ndarray | None, frames: np.ndarray,
-             row: Row) -> tuple[np.ndarray | None, np.ndarray, float]:
-    """One row's share: ``(relevance [kept, ...] time-major or None, frames [kept], outside)``.
+             row: Row) -> tuple[np.ndarray | None, np.ndarray, float, float]:
+    """One row's share: ``(relevance [kept, ...] time-major or None, frames [kept], outside,
+    outside_abs)``: the relevance on the padding's frames, summed, and its ``|R|`` summed.
 
     ``relevance``: the row's relevance in the features' layout (``None`` when only frames
     are kept); ``frames [T]``: it summed over all but time."""
     keep = kept_frames(layout, row.n_samples, row.window == row.n_windows - 1, frames.shape[0])
     outside = float(frames[keep:].sum(dtype=np.float64))
-    rel = None
+    rel, outside_abs = None, float(np.abs(frames[keep:]).sum(dtype=np.float64))
     if relevance is not None:
-        rel = np.moveaxis(relevance, layout.time_axis, 0)[:keep]
-    return rel, frames[:keep], outside
+        time_major = np.moveaxis(relevance, layout.time_axis, 0)
+        rel = time_major[:keep]
+        outside_abs = float(np.abs(time_major[keep:]).sum(dtype=np.float64))
+    return rel, frames[:keep], outside, outside_abs
 
 
 def stitch(parts: Sequence[np.ndarray]) -> np.ndarray:

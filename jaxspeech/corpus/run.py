@@ -42,7 +42,8 @@ import numpy as np
 from jaxspeech.corpus import batching, sharding, sources, store
 from jaxspeech.corpus import targets as corpus_targets
 
-__all__ = ["attribute_corpus", "Summary", "Attributor", "make_front_end", "run_config"]
+__all__ = ["attribute_corpus", "Summary", "Attributor", "make_front_end", "run_config",
+           "item_features"]
 
 log = logging.getLogger("jaxspeech.corpus")
 
@@ -122,6 +123,25 @@ def _jitted_front_end(config, prepare, batch_sharding):
     # cached: runs in one process (tests, benchmarks, resumes) share the compiled program
     return jax.jit(lambda wave, lengths: prepare(config, wave, lengths),
                    out_shardings=batch_sharding)
+
+
+def item_features(model, layout: batching.Layout, wave: np.ndarray) -> np.ndarray:
+    """The features a run explains for one clip ``wave [samples]``, laid out as its stored
+    relevance: each window padded to its bucket with its length, through the front end,
+    its kept frames laid end to end (:func:`batching.take_row`); the features' layout of one
+    item, time ``T`` frames long (what ``open_results(...)[id]["relevance"]`` has)."""
+    windows = batching.split_windows(np.asarray(wave, np.float32), layout.window,
+                                     layout.min_samples)
+    kept = []
+    for k, part in enumerate(windows):
+        batch = batching.Batcher(layout, 1).add([batching.Row(0, k, len(windows), part)])[0]
+        features, _ = model.family.prepare(model.config, jax.numpy.asarray(batch.wave),
+                                           batch.lengths if layout.lengths else None)
+        time_major = np.moveaxis(np.asarray(features[0]), layout.time_axis, 0)
+        keep = batching.kept_frames(layout, part.shape[0], k == len(windows) - 1,
+                                    time_major.shape[0])
+        kept.append(time_major[:keep])
+    return np.moveaxis(batching.stitch(kept), 0, layout.time_axis)
 
 
 class Attributor:
@@ -373,13 +393,14 @@ def attribute_corpus(
 
     def _finish(state: dict) -> None:
         parts = [state["parts"][k] for k in range(state["n"])]
-        window_scores = np.asarray([p[3] for p in parts], np.float32)
+        window_scores = np.asarray([p[4] for p in parts], np.float32)
         writer.add(store.ItemResult(
             id=state["id"],
             relevance=None if parts[0][0] is None else batching.stitch([p[0] for p in parts]),
             frames=batching.stitch([p[1] for p in parts]),
             score=float(window_scores.mean()), window_scores=window_scores,
-            outside=float(sum(p[2] for p in parts)), meta=state["meta"]))
+            outside=float(sum(p[2] for p in parts)), meta=state["meta"],
+            outside_abs=float(sum(p[3] for p in parts))))
         summary.done += 1
         summary.audio_seconds += state["meta"]["n_samples"] / rate
         bar.update(1)
@@ -446,6 +467,6 @@ def attribute_corpus(
         raise errors[0]
     summary.seconds = time.perf_counter() - start
     data = json.dumps(summary.to_dict(), indent=2, sort_keys=True).encode()
-    store._write_atomic(out / f"summary-p{process_index:05d}.json", data)
+    store.write_atomic(out / f"summary-p{process_index:05d}.json", data)
     sharding.barrier("jaxspeech-corpus-done")
     return summary

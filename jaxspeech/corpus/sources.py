@@ -1,4 +1,5 @@
-"""Corpora in: a folder of audio files, a manifest (CSV / JSONL), or a TensorFlow Dataset.
+"""Corpora in: a folder of audio files, a manifest (CSV / JSONL), a TensorFlow Dataset, or
+a list of files (``jaxspeech attribute a.wav b.flac``).
 
 A source is listed first and read later. :meth:`Source.entries` is cheap (names and
 fields, no audio) and comes in a stable order with stable ids, so the runner can take
@@ -8,6 +9,7 @@ decoded; :meth:`Source.load` then reads one entry as an :class:`Item`.
     src = open_source("corpus/")                       # every wav/flac/mp3/ogg below it
     src = open_source("trials.csv")                    # path[,id,label,reference,text,start,end]
     src = open_source("tfds:speech_commands", split="test", data_dir="~/tensorflow_datasets")
+    src = open_source(["a.wav", "b.flac"])             # the files, in this order
     for item in src.items(16000):                      # bad files are logged and skipped
         item.id, item.wave, item.label
 
@@ -15,7 +17,8 @@ Ids: the folder source uses the path relative to the folder (``spk1/utt3.flac``)
 manifest its ``id`` column, else the path as written plus ``@start-end`` for a segment;
 TFDS ``SPLIT/INDEX`` (the index in the prepared split: TFDS orders examples by a hash of
 their keys, so it is stable across preparations of the same data; the example's own ``id``
-feature, if any, is kept as the field ``key``). Duplicate ids are refused.
+feature, if any, is kept as the field ``key``); a list of files the paths as given.
+Duplicate ids are refused.
 
 TFDS without TensorFlow: datasets prepared in the ``array_record`` format are read by
 random access through ``tfds.data_source`` and need no TensorFlow, as long as their
@@ -43,7 +46,7 @@ import numpy as np
 from jaxspeech import audio
 
 __all__ = ["Entry", "Item", "Source", "FolderSource", "ManifestSource", "TfdsSource",
-           "open_source", "AUDIO_EXTENSIONS"]
+           "FilesSource", "open_source", "AUDIO_EXTENSIONS"]
 
 log = logging.getLogger("jaxspeech.corpus")
 
@@ -195,6 +198,29 @@ class FolderSource(Source):
 
     def describe(self) -> dict:
         return {"kind": self.name, "root": str(self.root.resolve())}
+
+
+# --- files named one by one ---------------------------------------------------------------
+
+class FilesSource(Source):
+    """Audio files named one by one, in the order given; each id is the path as given. A
+    file that is missing or unreadable is listed like the others and fails when it is
+    read, so the run reports it with its reason. ``describe`` leaves the paths out: a
+    resumed run may name more files."""
+
+    name = "files"
+
+    def __init__(self, paths: Sequence[str | os.PathLike]):
+        self.paths = [os.fspath(p) for p in paths]
+        if not self.paths:
+            raise ValueError("no audio files given")
+
+    def entries(self) -> list[Entry]:
+        return _unique([Entry(p, p, {"source": os.path.abspath(p)}) for p in self.paths],
+                       "the audio files")
+
+    def load(self, entry: Entry, sample_rate: int) -> Item:
+        return Item(entry.id, read_audio(entry.ref, sample_rate), sample_rate, dict(entry.fields))
 
 
 # --- a manifest ----------------------------------------------------------------------------
@@ -396,11 +422,16 @@ def _plain(value):
 
 # --- dispatch --------------------------------------------------------------------------------
 
-def open_source(spec: str | os.PathLike | Source, **options) -> Source:
-    """``tfds:NAME`` (``split=``, ``data_dir=``, feature keys), a folder, or a ``.csv`` /
-    ``.jsonl`` manifest."""
+def open_source(spec: str | os.PathLike | Source | Sequence[str | os.PathLike],
+                **options) -> Source:
+    """``tfds:NAME`` (``split=``, ``data_dir=``, feature keys), a folder, a ``.csv`` /
+    ``.jsonl`` manifest, or a list of audio files."""
     if isinstance(spec, Source):
         return spec
+    if isinstance(spec, (list, tuple)):
+        if options:
+            raise ValueError(f"options {sorted(options)} apply to tfds: sources only")
+        return FilesSource(spec)
     spec = os.fspath(spec)
     if spec.startswith("tfds:"):
         return TfdsSource(spec[len("tfds:"):], **options)

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["ItemResult", "ShardWriter", "Results", "open_results", "read_manifests",
-           "check_run_config"]
+           "check_run_config", "write_atomic"]
 
 RUN_FILE = "run.json"
 SHARD_DIR = "shards"
@@ -50,7 +50,9 @@ _SHARD = re.compile(r"^p(\d{5})-(\d{6})\.npz$")
 @dataclasses.dataclass
 class ItemResult:
     """One item's result: ``relevance [T, ...]`` time-major (``None`` when pooled),
-    ``frames [T]``, ``score`` (mean over windows), ``window_scores [W]``."""
+    ``frames [T]``, ``score`` (mean over windows), ``window_scores [W]``, the relevance
+    that fell on padding (``outside``: summed; ``outside_abs``: its ``|R|`` summed, see
+    :mod:`jaxspeech.corpus.batching`)."""
 
     id: str
     relevance: np.ndarray | None
@@ -59,6 +61,7 @@ class ItemResult:
     window_scores: np.ndarray
     outside: float
     meta: dict
+    outside_abs: float = float("nan")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -72,7 +75,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary sibling, flush it to disk and rename it to ``path``: a
+    reader sees the old file or the new one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -134,7 +139,7 @@ def check_run_config(out: Path, config: Mapping[str, Any], resume: bool,
             raise FileExistsError(f"{out} already holds results; pass --resume to complete "
                                   "them, or choose another --out")
         return
-    _write_atomic(path, (json.dumps(dict(config), indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(path, (json.dumps(dict(config), indent=2, sort_keys=True) + "\n").encode())
 
 
 class ShardWriter:
@@ -208,7 +213,7 @@ class ShardWriter:
         self._seq += 1
         buf = io.BytesIO()
         np.savez(buf, **self._arrays(items))
-        _write_atomic(self.shards / name, buf.getvalue())
+        write_atomic(self.shards / name, buf.getvalue())
         self._append({"shard": name, "ids": [r.id for r in items]})
         self.written += len(items)
 
@@ -227,6 +232,7 @@ class ShardWriter:
             "window_scores": np.concatenate([r.window_scores for r in items]).astype(np.float32),
             "window_offsets": np.concatenate([[0], np.cumsum(windows)]).astype(np.int64),
             "relevance_outside": np.asarray([r.outside for r in items], np.float32),
+            "relevance_outside_abs": np.asarray([r.outside_abs for r in items], np.float32),
             "meta": np.asarray([json.dumps(r.meta, sort_keys=True, default=str) for r in items],
                                dtype=str),
         }
@@ -243,7 +249,8 @@ class Results(Mapping):
 
     A result dict holds ``id``, ``relevance`` (float32, the features' layout with time
     ``T`` frames long; ``[T]`` when the run pooled to frames), ``frames [T]``, ``score``,
-    ``window_scores [W]``, ``relevance_outside`` and the item's metadata (``n_samples``,
+    ``window_scores [W]``, ``relevance_outside``, ``relevance_outside_abs`` (``nan`` in
+    shards written before it was stored) and the item's metadata (``n_samples``,
     ``sample_rate``, ``label`` ...). Only committed shards are read. ``failures``: ``{id:
     reason}``; ``duplicates``: ids committed twice (empty unless the folder was tampered with).
     """
@@ -305,7 +312,9 @@ class Results(Mapping):
         return {**json.loads(str(s["meta"][n])), "id": str(s["ids"][n]), "relevance": rel,
                 "frames": frames, "score": float(s["score"][n]),
                 "window_scores": s["window_scores"][w0:w1],
-                "relevance_outside": float(s["relevance_outside"][n])}
+                "relevance_outside": float(s["relevance_outside"][n]),
+                "relevance_outside_abs": float(s["relevance_outside_abs"][n])
+                if "relevance_outside_abs" in s else float("nan")}
 
 
 def open_results(out: str | os.PathLike) -> Results:

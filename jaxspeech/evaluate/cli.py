@@ -20,9 +20,12 @@ curves_frames.png, curves_patches.png, mprt.png.
     jaxspeech evaluate CHECKPOINT a.wav b.wav --methods gradient_x_input attnlrp --out ev/
     jaxspeech evaluate --preset whisper-tiny a.wav --target layer-norm:layers.1.hidden_state --out ev/
 
-CHECKPOINT: a checkpoint folder, init:PRESET, or 'default' (the shipped model).
+CHECKPOINT: a checkpoint folder, init:PRESET (random weights, --seed), or 'default'
+(the shipped model, explained for its head's decision unless --target says otherwise).
 --masks FILE.npz: array 'masks', bool [files, ...] in the features' layout or
-[files, frames], in the order of the audio files. Targets as `jaxspeech attribute`.
+[files, frames], in the order of the audio files. Targets as `jaxspeech attribute`
+(one for all files). The files are evaluated together: a file that cannot be read
+stops the command before anything runs (exit status 2).
 """
 
 
@@ -32,10 +35,13 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("evaluate", help="faithfulness (ABPC), localisation and MPRT of methods",
                        description=_CLI_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from jaxspeech.cli import checkpoint_help
+
     p.add_argument("inputs", nargs="+", metavar="CHECKPOINT AUDIO",
-                   help="a checkpoint then audio files (with --preset: audio files only)")
-    p.add_argument("--preset", default=None, help="a js.init preset with random weights")
-    p.add_argument("--seed", type=int, default=0, help="preset weights and MPRT randomisation")
+                   help=checkpoint_help("CHECKPOINT") + "; then the audio files (with --preset: "
+                        "audio files only)")
+    p.add_argument("--preset", default=None, help="PRESET: the same as CHECKPOINT init:PRESET")
+    p.add_argument("--seed", type=int, default=0, help="init: weights and MPRT randomisation")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                    help="attribution methods (space- or comma-separated)")
     p.add_argument("--target", default=None, help="what to explain (as `jaxspeech attribute`)")
@@ -53,23 +59,35 @@ def add_commands(sub) -> None:
 
 
 def _load(args):
-    import jaxspeech as js
-    from jaxspeech.attribution.cli import load_model
+    """``(Checkpoint, audio files)`` from the positional inputs (and ``--preset``)."""
+    from jaxspeech.checkpoints import INIT, resolve
 
-    if args.preset is not None:
-        return js.init(args.preset, seed=args.seed), f"init:{args.preset}", list(args.inputs)
-    checkpoint, audio_files = args.inputs[0], list(args.inputs[1:])
-    if checkpoint == "default":
-        return js.default_model()[0], checkpoint, audio_files
-    return load_model(checkpoint), checkpoint, audio_files
+    inputs = list(args.inputs)
+    spec = f"{INIT}{args.preset}" if args.preset is not None else inputs.pop(0)
+    return resolve(spec, seed=args.seed), inputs
+
+
+def _target(spec: str | None, ckpt):
+    """One target for all files, parsed as ``attribute`` parses it; the checkpoint's own
+    (the shipped head's decision) when none is given."""
+    from jaxspeech.corpus import targets as corpus_targets
+
+    if spec in (None, "default") and ckpt.target is not None:
+        return ckpt.target
+    parsed = corpus_targets.parse(spec, ckpt.model, checkpoint=ckpt.spec)
+    if parsed.fixed is None:
+        raise ValueError(f"target {spec!r} is read per item from a corpus; evaluate takes one "
+                         "target for all files (use attribute-corpus for per-item targets)")
+    return parsed.fixed
 
 
 def run(args) -> int:
     """``jaxspeech evaluate``: print the table, write table.md, results.json and the PNGs."""
     from jaxspeech import audio
-    from jaxspeech.attribution.cli import parse_target
+    from jaxspeech.corpus.cli import target_label
 
-    model, checkpoint, files = _load(args)
+    ckpt, files = _load(args)
+    model, checkpoint = ckpt.model, ckpt.spec
     if not files:
         raise ValueError("no audio files given")
     try:
@@ -77,12 +95,7 @@ def run(args) -> int:
     except ValueError:
         raise ValueError(f"--patch must look like 8x10 (bins x frames), got {args.patch!r}") from None
     clips = [audio.read(f, model.sample_rate) for f in files]
-    if checkpoint == "default" and args.target is None:  # the shipped head's decision
-        from jaxspeech.assets import default_head
-
-        target = default_head().predicted_target()
-    else:
-        target = parse_target(args.target, model, checkpoint)
+    target = _target(args.target, ckpt)
     masks = None
     if args.masks is not None:
         with np.load(args.masks) as data:
@@ -95,6 +108,7 @@ def run(args) -> int:
                      mprt_threshold=args.mprt_threshold, ssim=args.ssim,
                      key=jax.random.key(args.seed), batch_size=args.batch_size,
                      method_options={"gradcam": {"layer": args.layer}} if args.layer else None)
+    table.info["target"] = target_label(args, ckpt)  # as the user named it, in captions and plots
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(table.markdown() if args.format == "markdown" else table.text())

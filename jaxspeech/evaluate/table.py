@@ -131,19 +131,18 @@ class Table:
                      for m, r in self.mprt.items()},
         }
 
-    def plot(self, out_dir: str | Path) -> list[Path]:
-        """Write ``curves_frames.png``, ``curves_patches.png`` (mean MoRF solid, LeRF dashed,
-        one colour per method) and ``mprt.png`` (mean ρ per cascade step) to ``out_dir``."""
+    def figures(self) -> dict[str, Any]:
+        """``{file name: matplotlib Figure}``: ``curves_frames.png``, ``curves_patches.png``
+        (mean MoRF solid, LeRF dashed, one colour per method) and ``mprt.png`` (mean ρ per
+        cascade step). Legends sit beside the axes, never over the curves."""
         from matplotlib.figure import Figure  # no pyplot: no global backend state
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        written = []
+        figures = {}
         for unit in ("frames", "patches"):
             runs = {m: c[unit] for m, c in self.curves.items() if unit in c}
             if not runs:
                 continue
-            fig = Figure(figsize=(7, 4.5))
+            fig = Figure(figsize=(9.5, 4.5))
             ax = fig.add_subplot()
             for i, (method, c) in enumerate(runs.items()):
                 colour = f"C{i % 10}"
@@ -153,13 +152,12 @@ class Table:
                 ax.plot(steps, c.lerf.mean(0), color=colour, ls="--", label=f"{method} LeRF")
             ax.set_xlabel(f"share of {next(iter(runs.values())).unit} removed")
             ax.set_ylabel(f"target ({self.info['target']})")
-            ax.set_title(f"perturbation curves over {unit}", fontsize=10)
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            written.append(out / f"curves_{unit}.png")
-            fig.savefig(written[-1], dpi=110)
+            ax.set_title(f"perturbation curves over {unit} (MoRF solid, LeRF dashed)",
+                         fontsize=10)
+            _legend_beside(ax)
+            figures[f"curves_{unit}.png"] = fig
         if self.mprt:
-            fig = Figure(figsize=(7, 4.5))
+            fig = Figure(figsize=(8.5, 4.5))
             ax = fig.add_subplot()
             labels = next(iter(self.mprt.values())).groups
             for i, (method, r) in enumerate(self.mprt.items()):
@@ -170,11 +168,25 @@ class Table:
                           fontsize=7)
             ax.set_ylabel("Spearman ρ to original relevance")
             ax.set_title("cascading parameter randomisation (output first)", fontsize=10)
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            written.append(out / "mprt.png")
-            fig.savefig(written[-1], dpi=110)
+            _legend_beside(ax)
+            figures["mprt.png"] = fig
+        return figures
+
+    def plot(self, out_dir: str | Path) -> list[Path]:
+        """Write :meth:`figures` as PNGs to ``out_dir``; returns their paths."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name, fig in self.figures().items():
+            written.append(out / name)
+            fig.savefig(written[-1], dpi=110, bbox_inches="tight")  # room for the legend
         return written
+
+
+def _legend_beside(ax) -> None:
+    """The legend right of the axes (``savefig(bbox_inches="tight")`` makes room for it)."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+              frameon=False)
 
 
 def _named(methods_: Sequence[Method] | Mapping[str, Method]) -> dict[str, Method]:
