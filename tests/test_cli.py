@@ -24,8 +24,12 @@ def test_convert_then_info_reports_kind_config_and_count(hf_folder, tmp_path, ca
     assert main(["info", str(tmp_path / "out"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert info["kind"] == "whisper" and info["config"]["d_model"] == 32
-    assert info["parameters"] == 32 * 80 * 3 + 32 + 32 * 32 * 3 + 32 + 1500 * 32 + (
+    encoder = 32 * 80 * 3 + 32 + 32 * 32 * 3 + 32 + 1500 * 32 + (
         4 * 32 * 32 + 3 * 32 + 2 * 32 * 64 + 64 + 32 + 4 * 32) + 2 * 32
+    # the folder's decoder: tokens (vocab 64) and 448 positions, one layer with self- and
+    # cross-attention (k without bias), the MLP and 3 norms, then the final norm
+    decoder = 64 * 32 + 448 * 32 + 2 * (4 * 32 * 32 + 3 * 32) + (2 * 32 * 64 + 64 + 32) + 3 * 64 + 64
+    assert info["parameters"] == encoder + decoder
     # converting onto an existing folder is refused and leaves it intact
     assert main(["convert", str(hf_folder), str(tmp_path / "out")]) == 2
     assert (tmp_path / "out" / "jaxspeech.json").exists()
