@@ -16,7 +16,12 @@ _CONVERTERS: dict[str, ModuleType] = {}
 
 def register_converter(family: str, module: ModuleType) -> None:
     """A converter module has ``detect(path) -> bool``, ``load(path) -> Model`` and
-    ``reference(path) -> (features_fn, model_fn)`` (the PyTorch reference)."""
+    ``reference(path, dtype="float32") -> (features_fn, model_fn[, generate_fn])``: the
+    PyTorch reference run in ``dtype`` ("float32" or "float64"; :mod:`jaxspeech.compare`
+    judges against the float64 run). ``features_fn(wave, lengths) -> (features, kwargs)``,
+    ``model_fn(features, **kwargs)`` with the kwargs ``Model.apply`` takes (Whisper:
+    ``tokens`` for the decoder's logits); ``generate_fn(features, max_new_tokens,
+    suppress_tokens=None)`` (the greedy token sequences) only for a model that transcribes."""
     _CONVERTERS[family] = module
 
 

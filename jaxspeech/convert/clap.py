@@ -146,17 +146,24 @@ def hf_features(extractor, wave, *, truncation: str, padding: str,
     return np.concatenate(feats), np.concatenate(longer).astype(bool)
 
 
-def reference(path: str):
-    """The transformers reference for this checkpoint, as ``(features_fn, model_fn)``:
+def reference(path: str, dtype: str = "float32"):
+    """The transformers reference for this checkpoint, run in ``dtype`` ("float32" or
+    "float64"), as ``(features_fn, model_fn)``:
     ``features_fn(wave [B, samples] np, lengths [B] relative or None) -> (features
     [B, C, 1001, 64], {"is_longer": [B]})`` (``ClapFeatureExtractor`` on each clip alone,
     cut to its length, crops fixed by :func:`deterministic_hf_crops`, i.e. jaxspeech's
     ``prepare`` without a key) and
     ``model_fn(features, is_longer=None) -> np [B, projection_dim]``
-    (``ClapModel.get_audio_features`` or ``ClapAudioModelWithProjection(...).audio_embeds``)."""
+    (``ClapModel.get_audio_features`` or ``ClapAudioModelWithProjection(...).audio_embeds``).
+    In float64 the model runs in float64 (``model.double()``); the features stay the
+    extractor's, in float32 whatever is asked: transformers' ``spectrogram`` stores the STFT
+    in complex64 and returns float32, so this reference has no float64 front end."""
     import torch
     from transformers import ClapAudioModelWithProjection, ClapFeatureExtractor, ClapModel
 
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"reference dtype {dtype!r}: 'float32' or 'float64'")
+    torch_dtype = getattr(torch, dtype)
     config, hf = read_config(path)
     if (Path(path) / "preprocessor_config.json").is_file():
         extractor = ClapFeatureExtractor.from_pretrained(path)
@@ -164,10 +171,10 @@ def reference(path: str):
         extractor = ClapFeatureExtractor(frequency_min=config.fmin, frequency_max=config.fmax,
                                          truncation=config.truncation, padding=config.padding)
     if hf["model_type"] == "clap":
-        model = ClapModel.from_pretrained(path).eval()
+        model = ClapModel.from_pretrained(path).eval().to(torch_dtype)
         embed = lambda x, longer: model.get_audio_features(input_features=x, is_longer=longer)  # noqa: E731
     else:
-        model = ClapAudioModelWithProjection.from_pretrained(path).eval()
+        model = ClapAudioModelWithProjection.from_pretrained(path).eval().to(torch_dtype)
         embed = lambda x, longer: model(input_features=x, is_longer=longer).audio_embeds  # noqa: E731
 
     def features_fn(wave, lengths=None):
@@ -181,7 +188,7 @@ def reference(path: str):
         return feats, {"is_longer": longer}
 
     def model_fn(features, is_longer=None):
-        x = torch.from_numpy(np.asarray(features, np.float32))
+        x = torch.from_numpy(np.asarray(features, dtype))
         longer = None if is_longer is None else torch.from_numpy(
             np.asarray(is_longer, bool).reshape(-1, 1))
         with torch.no_grad():

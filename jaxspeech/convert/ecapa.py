@@ -289,8 +289,9 @@ def load(path: str) -> Model:
 
 # --- the PyTorch reference, for `jaxspeech compare` -------------------------------------
 
-def reference(path: str):
-    """SpeechBrain's own modules for this folder, as ``(features_fn, model_fn)``.
+def reference(path: str, dtype: str = "float32"):
+    """SpeechBrain's own modules for this folder, run in ``dtype`` ("float32" or "float64"),
+    as ``(features_fn, model_fn)``.
 
     ``features_fn(wave [B, samples] np, lengths [B] relative samples or None) ->
     (features np [B, T, n_mels], {"lengths": relative frame lengths})``: ``Fbank`` then
@@ -300,12 +301,18 @@ def reference(path: str):
     ``embedding_model.ckpt`` loaded, run on each item's valid frames alone (what
     jaxspeech's masked forward equals; SpeechBrain's batched forward lets the padding
     leak into short items through reflect padding, see :mod:`jaxspeech.models.ecapa`).
+    In float64 every module's parameters and buffers are promoted (``.double()``), and so
+    are the plain tensor attributes ``Fbank`` keeps outside them (the STFT window, the
+    filter bank's centres and bands), computed in float32 and promoted as the weights are.
     """
     import torch
     from hyperpyyaml import load_hyperpyyaml
 
     from jaxspeech.frontends import fbank as fb
 
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"reference dtype {dtype!r}: 'float32' or 'float64'")
+    np_dtype = np.dtype(dtype)
     folder = Path(path)
     # the folder stands in for a hub id in pretrained_path, so nothing is ever fetched
     overrides = {"pretrained_path": str(folder)} \
@@ -316,20 +323,26 @@ def reference(path: str):
         hp["embedding_model"]
     state = torch.load(folder / EMBEDDING_CKPT, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
-    model.eval()
-    mean_var_norm.eval()
+    for module in (compute_features, mean_var_norm, model):
+        module.eval()
+        if dtype == "float64":
+            module.double()
+            for sub in module.modules():
+                for name, value in list(vars(sub).items()):
+                    if torch.is_tensor(value) and value.is_floating_point():
+                        setattr(sub, name, value.double())
     hop = compute_features.compute_STFT.hop_length
 
     def features_fn(wave, lengths=None):
-        wave = np.array(wave, np.float32)  # a writable copy for torch
+        wave = np.array(wave, np_dtype)  # a writable copy for torch
         rel = np.array(fb.frame_lengths(lengths, wave.shape[-1], wave.shape[0], hop))
         with torch.no_grad():
             feats = compute_features(torch.from_numpy(wave))
-            feats = mean_var_norm(feats, torch.from_numpy(rel))
+            feats = mean_var_norm(feats, torch.from_numpy(rel.astype(np_dtype)))
         return feats.numpy(), {"lengths": rel}
 
     def model_fn(features, lengths=None):
-        features = torch.from_numpy(np.array(features, np.float32))
+        features = torch.from_numpy(np.array(features, np_dtype))
         b, t = features.shape[:2]
         rel = np.ones(b, np.float32) if lengths is None else np.asarray(lengths, np.float32)
         n_valid = (np.arange(t, dtype=np.float32)[None] < (rel * np.float32(t))[:, None]).sum(1)

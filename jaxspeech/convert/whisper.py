@@ -20,6 +20,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from jaxspeech.convert.common import (
     CheckpointError,
     default_torch_key,
     find_weights,
+    flatten,
     map_params,
     read_state_dict,
     read_torch_file,
@@ -244,50 +246,185 @@ def load(path: str) -> Model:
 
 # --- the PyTorch reference, for `jaxspeech compare` -------------------------------------
 
-def reference(path: str):
-    """The transformers reference for this checkpoint, as ``(features_fn, model_fn)``:
-    ``features_fn(wave [B, samples] np, lengths [B] or None) -> (features np [B, n_mels, 3000], {})``
-    (``WhisperFeatureExtractor``) and ``model_fn(features, **kwargs) -> np [B, 1500, d_model]``
-    (``WhisperModel.encoder``). The kwargs are those ``Model.apply`` takes."""
+def hf_state_dict(params: Mapping, config: WhisperConfig,
+                  prefix: str = "model.") -> dict[str, np.ndarray]:
+    """jaxspeech Whisper ``params`` -> HF tensors in PyTorch layouts: the inverse of
+    :func:`load_hf` (names from :func:`_hf_key`, Dense kernels ``[in, out]`` back to
+    ``weight [out, in]``, conv kernels ``[k, in, out]`` back to ``[out, in, k]``).
+    ``prefix="model."`` names ``WhisperForConditionalGeneration``'s tensors (plus the tied
+    ``proj_out.weight`` when ``config`` has a decoder), ``""`` a ``WhisperModel``'s.
+    Every leaf of ``param_shapes(config)`` must be in ``params`` with its shape."""
+    flat = flatten(params)
+    out = {}
+    for path, spec in flatten(param_shapes(config)).items():
+        if path not in flat:
+            raise CheckpointError(f"params have no {'.'.join(path)}, which {config} needs")
+        value = np.asarray(flat[path], np.float32)
+        if value.shape != tuple(spec.shape):
+            raise CheckpointError(f"params {'.'.join(path)} has shape {value.shape}, the config "
+                                  f"needs {tuple(spec.shape)}")
+        if path[-1] == "kernel":  # to_flax undone
+            value = value.T if value.ndim == 2 else np.moveaxis(value, (-1, -2), (0, 1))
+        out[_hf_key(prefix, path)] = np.array(value)  # a writable copy for torch
+    if config.has_decoder and prefix == "model.":
+        out["proj_out.weight"] = out["model.decoder.embed_tokens.weight"]
+    return out
+
+
+def hf_torch_model(params: Mapping, config: WhisperConfig, generation: Mapping | None = None):
+    """A transformers model holding jaxspeech ``params`` (float32, eval mode):
+    ``WhisperForConditionalGeneration`` for a config with a decoder, with ``generation``
+    (``Model.extras["generation"]``) as its generation config; ``WhisperEncoder`` for an
+    encoder-only one. The weights go through :func:`hf_state_dict`, loaded strictly."""
     import torch
+    from transformers import GenerationConfig, WhisperForConditionalGeneration
     from transformers import WhisperConfig as HFConfig
-    from transformers import WhisperFeatureExtractor, WhisperModel
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-    if os.path.isdir(path):
-        encoder = WhisperModel.from_pretrained(path, attn_implementation="eager").encoder
-        n_mels = encoder.config.num_mel_bins
+    gen = dict(generation or {})
+    # Whisper pads and begins with <|endoftext|>; unknown ids stay None (transformers'
+    # defaults are the real vocabulary's, out of range for a small one)
+    eos = gen.get("eos_token_id")
+    special = {"decoder_start_token_id": gen.get("decoder_start_token_id"), "eos_token_id": eos,
+               "pad_token_id": eos, "bos_token_id": eos}
+    hf_cfg = HFConfig(
+        num_mel_bins=config.n_mels, d_model=config.d_model, encoder_layers=config.encoder_layers,
+        encoder_attention_heads=config.encoder_attention_heads,
+        encoder_ffn_dim=config.encoder_ffn_dim, max_source_positions=config.max_source_positions,
+        vocab_size=max(config.vocab_size, 1), decoder_layers=config.decoder_layers,
+        decoder_attention_heads=max(config.decoder_attention_heads, 1),
+        decoder_ffn_dim=config.decoder_ffn_dim, max_target_positions=config.max_target_positions,
+        attn_implementation="eager", **special)
+    with torch.device("meta"):  # no random init: every tensor is assigned below
+        model = WhisperForConditionalGeneration(hf_cfg) if config.has_decoder else \
+            WhisperEncoder(hf_cfg)
+    if config.has_decoder:
+        state = hf_state_dict(params, config)
+        keys = ["decoder_start_token_id", "eos_token_id", "pad_token_id", "bos_token_id",
+                "no_timestamps_token_id", "is_multilingual", "suppress_tokens",
+                "begin_suppress_tokens", "alignment_heads"]
+        if gen.get("is_multilingual"):  # transformers detects the language when it has these
+            keys += ["lang_to_id", "task_to_id"]
+        model.generation_config = GenerationConfig(
+            max_length=config.max_target_positions,
+            **{k: v for k, v in {**gen, **special}.items() if k in keys})
     else:
-        obj = read_torch_file(path)
-        cfg = config_from_dims(obj["dims"], decoder=False)
-        hf_cfg = HFConfig(num_mel_bins=cfg.n_mels, d_model=cfg.d_model,
-                          encoder_layers=cfg.encoder_layers,
-                          encoder_attention_heads=cfg.encoder_attention_heads,
-                          encoder_ffn_dim=cfg.encoder_ffn_dim,
-                          max_source_positions=cfg.max_source_positions)
-        encoder = WhisperEncoder(hf_cfg)
-        hf_state = {}
-        shapes = param_shapes(cfg)
-        from jaxspeech.convert.common import flatten
+        state = {k[len("encoder."):]: v for k, v in hf_state_dict(params, config, "").items()}
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True,
+                          assign=True)
+    return model.eval()
 
-        for p in flatten(shapes):
-            hf_state[default_torch_key(p) if p != ("embed_positions",) else
-                     "embed_positions.weight"] = torch.from_numpy(
-                np.array(obj["model_state_dict"][openai_key(p)], np.float32))
-        encoder.load_state_dict(hf_state, strict=True)
-        n_mels = cfg.n_mels
-    encoder.eval()
-    extractor = WhisperFeatureExtractor(feature_size=n_mels)
 
-    def features_fn(wave, lengths=None):  # zero padding is what Whisper does anyway
+def _log_mel_float64(extractor, wave: np.ndarray) -> np.ndarray:
+    """``WhisperFeatureExtractor``'s recipe (``_torch_extract_fbank_features``) in float64:
+    its torch path casts to float32 and its NumPy path keeps the STFT in complex64, so
+    neither runs in float64. Zero-pad / trim to the window, periodic Hann |STFT|^2 (last
+    frame dropped), the extractor's own float64 Slaney filters, log10 of max(x, 1e-10),
+    the per-item max-8 clamp, (x + 4) / 4. ``wave [B, samples]`` -> ``[B, n_mels, frames]``."""
+    import torch
+
+    wave = np.asarray(wave, np.float64)[:, : extractor.n_samples]
+    padded = np.zeros((wave.shape[0], extractor.n_samples))
+    padded[:, : wave.shape[1]] = wave
+    window = torch.hann_window(extractor.n_fft, dtype=torch.float64)
+    stft = torch.stft(torch.from_numpy(padded), extractor.n_fft, extractor.hop_length,
+                      window=window, return_complex=True)
+    power = stft[..., :-1].abs() ** 2
+    mel = torch.from_numpy(np.asarray(extractor.mel_filters, np.float64)).T @ power
+    log = torch.clamp(mel, min=1e-10).log10()
+    log = torch.maximum(log, log.amax(dim=(1, 2), keepdim=True) - 8.0)
+    return ((log + 4.0) / 4.0).numpy()
+
+
+def hf_reference(model, n_mels: int, n_samples: int, dtype: str = "float32"):
+    """``(features_fn, model_fn[, generate_fn])`` of a transformers Whisper ``model``
+    (``WhisperForConditionalGeneration``, or ``WhisperEncoder`` for an encoder-only
+    checkpoint), run in ``dtype`` ("float32" or "float64": ``model.double()``):
+
+    - ``features_fn(wave [B, samples], lengths [B] or None) -> (features [B, n_mels, frames],
+      {})``: ``WhisperFeatureExtractor`` in float32; its recipe in float64
+      (:func:`_log_mel_float64`). Zero padding is what Whisper does anyway.
+    - ``model_fn(features, tokens=None)``: the encoder output ``[B, frames / 2, d_model]``; with
+      ``tokens [B, L]`` the teacher-forced logits ``[B, L, vocab]`` (as ``Model.apply``).
+    - ``generate_fn(features, max_new_tokens, suppress_tokens=None) -> [B] lists of token
+      ids``: greedy ``generate`` (the model's generation config, ``suppress_tokens`` in place
+      of its list when given; no timestamps), each sequence from its start token through
+      ``<|endoftext|>`` when reached; only with a decoder that knows its start and end tokens.
+    """
+    import torch
+    from transformers import WhisperFeatureExtractor
+
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"reference dtype {dtype!r}: 'float32' or 'float64'")
+    np_dtype = np.dtype(dtype)
+    model = model.double() if dtype == "float64" else model.float()
+    model.eval()
+    decoder = hasattr(model, "generate")
+    encoder = model.get_encoder() if decoder else model
+    extractor = WhisperFeatureExtractor(feature_size=n_mels, chunk_length=n_samples // 16000)
+
+    def features_fn(wave, lengths=None):
+        if dtype == "float64":
+            return _log_mel_float64(extractor, wave), {}
         out = extractor(list(np.asarray(wave)), sampling_rate=16000, return_tensors="np")
         return out["input_features"], {}
 
-    def model_fn(features):
+    def model_fn(features, tokens=None):
+        x = torch.from_numpy(np.asarray(features, np_dtype))
         with torch.no_grad():
-            return encoder(torch.from_numpy(np.asarray(features))).last_hidden_state.numpy()
+            if tokens is None:
+                return encoder(x).last_hidden_state.numpy()
+            if not decoder:
+                raise ValueError("this Whisper checkpoint has no decoder; no logits to compare")
+            ids = torch.from_numpy(np.asarray(tokens, np.int64))
+            return model(input_features=x, decoder_input_ids=ids).logits.numpy()
 
+    def generate_fn(features, max_new_tokens: int, suppress_tokens=None) -> list[list[int]]:
+        eos = model.generation_config.eos_token_id
+        options = {} if suppress_tokens is None else {"suppress_tokens": list(suppress_tokens)}
+        with torch.no_grad():
+            out = model.generate(input_features=torch.from_numpy(np.asarray(features, np_dtype)),
+                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                 return_timestamps=False, return_dict_in_generate=True,
+                                 **options)
+        sequences = []
+        for row in out.sequences.tolist():
+            sequences.append(row[: row.index(eos) + 1] if eos in row else row)
+        return sequences
+
+    gen = getattr(model, "generation_config", None)
+    if decoder and gen is not None and gen.decoder_start_token_id is not None \
+            and gen.eos_token_id is not None:
+        return features_fn, model_fn, generate_fn
     return features_fn, model_fn
+
+
+def reference(path: str, dtype: str = "float32"):
+    """The transformers reference for this checkpoint in ``dtype`` ("float32" or "float64"),
+    as :func:`hf_reference` gives it: ``(features_fn, model_fn)``, plus ``generate_fn``
+    for a checkpoint with a decoder and generation settings. An HF folder is read by
+    transformers itself (``WhisperForConditionalGeneration`` when it has decoder tensors, a
+    ``WhisperModel`` folder's decoder tied to its embedding as transformers ties it; else
+    ``WhisperModel``'s encoder); an OpenAI ``.pt`` becomes a transformers model holding
+    its tensors (:func:`hf_torch_model`)."""
+    from transformers import WhisperForConditionalGeneration, WhisperModel
+
+    if os.path.isdir(path):
+        hf = json.loads((Path(path) / "config.json").read_text())
+        state = read_state_dict(find_weights(path))
+        prefix = _hf_prefix(state)[: -len("encoder.")]
+        if any(k.startswith(prefix + "decoder.") for k in state):
+            model = WhisperForConditionalGeneration.from_pretrained(
+                path, attn_implementation="eager")
+        else:
+            model = WhisperModel.from_pretrained(path, attn_implementation="eager").encoder
+        n_mels = int(hf.get("num_mel_bins", 80))
+        n_samples = 2 * int(hf.get("max_source_positions", 1500)) * 160
+    else:
+        m = load_openai(path)
+        model = hf_torch_model(m.params, m.config, m.extras.get("generation"))
+        n_mels, n_samples = m.config.n_mels, m.config.n_samples
+    return hf_reference(model, n_mels, n_samples, dtype)
 
 
 register_converter("whisper", sys.modules[__name__])
