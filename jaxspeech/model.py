@@ -265,6 +265,8 @@ def init(name: str, seed: int = 0, **overrides) -> Model:
     if name not in table:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(table))}")
     config = dataclasses.replace(table[name], **overrides) if overrides else table[name]
+    if hasattr(config, "normalised"):  # e.g. Whisper with decoder_layers=0: encoder only
+        config = config.normalised()
     return Model(config, init_params(config, seed), source=f"init:{name}")
 
 

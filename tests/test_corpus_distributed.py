@@ -25,7 +25,8 @@ import jaxspeech as js
 from jaxspeech.corpus import attribute_corpus, open_results
 
 # Whisper with 30 s windows (every row one shape), made tiny so a CPU run is quick.
-TINY = dict(d_model=32, encoder_layers=1, encoder_attention_heads=1, encoder_ffn_dim=64)
+TINY = dict(d_model=32, encoder_layers=1, encoder_attention_heads=1, encoder_ffn_dim=64,
+            decoder_layers=0)
 DURATIONS = [(1.0, 16000), (2.5, 22050), (0.7, 16000), (3.0, 8000), (34.0, 16000), (1.2, 44100),
              (0.4, 16000)]
 

@@ -25,7 +25,7 @@ SEEN = np.arange(18, 41)  # input frames the target reads
 @pytest.fixture(scope="module")
 def small():
     return js.init("whisper-tiny", d_model=32, encoder_layers=2, encoder_attention_heads=2,
-                   encoder_ffn_dim=64, max_source_positions=50, n_mels=16)
+                   encoder_ffn_dim=64, max_source_positions=50, n_mels=16, decoder_layers=0)
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +304,7 @@ def test_ecapa_predicted_class_is_frozen_and_rollout_is_reported():
 
 def test_cli_prints_table_writes_pngs_and_reports_unsupported(tmp_path, capsys):
     m = js.init("whisper-tiny", d_model=16, encoder_layers=1, encoder_attention_heads=2,
-                encoder_ffn_dim=32)
+                encoder_ffn_dim=32, decoder_layers=0)
     ckpt = str(m.save(tmp_path / "ckpt"))
     rng = np.random.default_rng(4)
     files = []

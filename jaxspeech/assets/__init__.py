@@ -38,7 +38,7 @@ __all__ = ["load_default", "default_head", "default_planted", "save_model_npz", 
 DEFAULT_DIR = Path(__file__).parent / "planted_whisper"
 # The architecture and the data the default is trained on (the script reads these).
 DEFAULT_CONFIG = dict(n_mels=80, d_model=64, encoder_layers=2, encoder_attention_heads=4,
-                      encoder_ffn_dim=256, max_source_positions=100)
+                      encoder_ffn_dim=256, max_source_positions=100, decoder_layers=0)
 PLANTED = dict(n_classes=4, seconds=2.0, sample_rate=16000, n_distractors=2)
 
 

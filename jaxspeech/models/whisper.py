@@ -81,6 +81,19 @@ class WhisperConfig:
         ``max_source_positions`` gives a shorter window (100 -> 2 s)."""
         return self.n_frames * frontend.HOP_LENGTH
 
+    def __post_init__(self):
+        for part, heads, layers_ in (("encoder", self.encoder_attention_heads, self.encoder_layers),
+                                     ("decoder", self.decoder_attention_heads, self.decoder_layers)):
+            if layers_ and (heads <= 0 or self.d_model % heads):
+                raise ValueError(
+                    f"Whisper {part}_attention_heads={heads} does not divide d_model="
+                    f"{self.d_model}" + ("; set decoder_attention_heads too, or decoder_layers=0 "
+                                         "for an encoder-only model" if part == "decoder" else ""))
+
+    def normalised(self) -> WhisperConfig:
+        """The same model with unused decoder fields cleared (``decoder_layers=0``)."""
+        return self if self.has_decoder else self.encoder_only()
+
     def encoder_only(self) -> WhisperConfig:
         return dataclasses.replace(self, vocab_size=0, decoder_layers=0,
                                    decoder_attention_heads=0, decoder_ffn_dim=0)
