@@ -126,7 +126,8 @@ def _add_extra_commands(sub) -> None:
     import importlib
 
     for name in ("jaxspeech.attribution.cli", "jaxspeech.demo", "jaxspeech.corpus.cli",
-                 "jaxspeech.probe", "jaxspeech.evaluate"):
+                 "jaxspeech.probe", "jaxspeech.evaluate", "jaxspeech.transcribe",
+                 "jaxspeech.attribution.transcript_cli", "jaxspeech.evaluate.words"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:

@@ -16,21 +16,22 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxspeech.attribution.plot import UNITS, _robust_bound
+from jaxspeech.attribution.plot import _robust_bound
 
 __all__ = ["transcript_figure", "word_rows"]
 
 FRAME_S = 0.01  # Whisper's 10 ms log-mel frames
 
 
-def word_rows(tr, b: int) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+def word_rows(tr, b: int, words=None) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     """``(words, relevance over frames [words, clip frames], log p [words], audio share
-    [words])`` of item ``b``: each word's tokens summed."""
+    [words])`` of item ``b``: each word's tokens summed. ``words``: ``(word, token indices)``
+    pairs to use instead of ``tr.words[b]`` (word timestamps merge punctuation)."""
     frames = tr.frames()[b][:, : int(tr.num_frames[b])]
     score = np.asarray(tr.score[b])
     audio = tr.shares["clip"][b] + tr.shares["padding"][b]
     names, rows, logp, share = [], [], [], []
-    for word, idx in tr.words[b]:
+    for word, idx in (tr.words[b] if words is None else words):
         idx = list(idx)
         names.append(word.strip())
         rows.append(frames[idx].sum(axis=0))
@@ -42,15 +43,15 @@ def word_rows(tr, b: int) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray
 def transcript_figure(path: str | None, tr, b: int, *, features: np.ndarray,
                       wave: np.ndarray | None = None, sample_rate: int = 16000,
                       spans: Sequence[tuple[float, float, str]] | None = None, title: str = "",
-                      percentile: float = 99.0):
+                      percentile: float = 99.0, words=None):
     """The figure for item ``b`` of a :class:`~jaxspeech.attribution.transcript.TranscriptAttribution`;
     ``features [n_mels, 3000]`` its log-mel; ``spans`` ``(start_s, end_s, word)`` per word, in
     the transcript's word order (word timestamps, or a clip's known spans). Writes a PNG when
-    ``path`` is given; returns the ``matplotlib`` ``Figure``."""
+    ``path`` is given; returns the ``matplotlib`` ``Figure``. ``words``: as :func:`word_rows`."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    names, rows, logp, share = word_rows(tr, b)
+    names, rows, logp, share = word_rows(tr, b, words)
     n_frames = rows.shape[1] if rows.size else int(tr.num_frames[b])
     seconds = n_frames * FRAME_S
     spec = np.asarray(features)[:, :n_frames]
@@ -93,8 +94,8 @@ def transcript_figure(path: str | None, tr, b: int, *, features: np.ndarray,
     ax_spec.tick_params(labelsize=7, labelbottom=False, bottom=False)
     ax_spec.set_xlim(0, seconds)
     bar = fig.colorbar(image, cax=fig.add_subplot(grid[1, 1]), extend="both")
-    bar.set_label(f"{UNITS}, summed over mel bins\n(clipped at the {percentile:g}th percentile)",
-                  fontsize=6)
+    bar.set_label(f"relevance (target units),\nsummed over mel bins; clipped at the\n"
+                  f"{percentile:g}th percentile of |R|", fontsize=6)
     bar.ax.tick_params(labelsize=7)
     fig.add_subplot(grid[0, 1]).axis("off")
     fig.add_subplot(grid[0, 2]).axis("off")
