@@ -14,6 +14,7 @@ from jaxspeech.clap_text import clap_text_embeddings, zero_shot
 # Each family registers its model and converter on import.
 from jaxspeech.convert import CheckpointError, load
 from jaxspeech.convert import clap as _convert_clap  # noqa: F401
+from jaxspeech.convert import ctranslate2 as _convert_ctranslate2  # noqa: F401
 from jaxspeech.convert import ecapa as _convert_ecapa  # noqa: F401
 from jaxspeech.convert import whisper as _convert_whisper  # noqa: F401
 from jaxspeech.model import Model, init, presets

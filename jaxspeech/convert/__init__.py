@@ -36,8 +36,9 @@ def converter_for(path: str) -> tuple[str, ModuleType]:
     raise CheckpointError(
         f"{path}: not a checkpoint jaxspeech recognises. Expected one of: a jaxspeech folder "
         f"(jaxspeech.json + params/), an HF Whisper or CLAP folder (config.json + "
-        f"model.safetensors / pytorch_model.bin), OpenAI's Whisper .pt, or a SpeechBrain "
-        f"folder (hyperparams.yaml + embedding_model.ckpt)")
+        f"model.safetensors / pytorch_model.bin), OpenAI's Whisper .pt, a CTranslate2 / "
+        f"faster-whisper Whisper folder (model.bin or model.bin.part1.. + config.json), or a "
+        f"SpeechBrain folder (hyperparams.yaml + embedding_model.ckpt)")
 
 
 def load(path: str | os.PathLike) -> Model:
