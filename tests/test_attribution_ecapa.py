@@ -200,14 +200,22 @@ def test_cosine_target_holds_its_norms_under_lrp(model, features):
     r_in, r_mfa, score, _, _ = _relevance(model, params, x, target, held)
     cos = (embedding * reference).sum(-1) / np.linalg.norm(embedding, axis=-1) \
         / np.linalg.norm(reference, axis=-1)
-    np.testing.assert_allclose(score, cos, rtol=1e-5)  # the forward value is the plain cosine
+    # the forward value is the plain cosine: float32 vs float64 norms of 12 values, a few
+    # ulp (measured 2e-7)
+    np.testing.assert_allclose(score, cos, rtol=1e-5)
     assert np.all(np.abs(score) > 0.3), score
+    # exact 0.5 and 1 as in test_conservation_on_a_bias_free_copy, and the same float32
+    # bound (measured 7e-8)
     np.testing.assert_allclose(r_mfa / score, 0.5, atol=1e-4)
     np.testing.assert_allclose(r_in / r_mfa, 1.0, atol=1e-4)
     plain = js.attribute(model, features=features, params=params, target=target,
                          method="gradient_x_input")
     sums = np.asarray(plain.relevance.sum(axis=(1, 2)))
-    assert np.all(np.abs(sums) < 1e-3 * np.abs(score)), (sums, score)
+    # Σ x·∇cos = d/dλ cos(e(λx)) at λ = 1: 0 if e were positively homogeneous. The
+    # bias-free ECAPA is, but for its SE gates (sigmoid) and attention (tanh, softmax),
+    # through which the scale leaks: 9e-4 of the score with these weights (the same on any
+    # CPU: float32 noise in it is ~1e-7). 1e-2: far below the 0.5 that the rules pass on.
+    assert np.all(np.abs(sums) < 1e-2 * np.abs(score)), (sums, score)
 
 
 # --- agreement with zennit on SpeechBrain's module ----------------------------------------
@@ -223,15 +231,18 @@ def test_lrp_matches_zennit_on_speechbrain(folder, model, features, rule, epsilo
     target = js.targets.class_logit(INDEX)
     res = js.attribute(model, features=features, target=target, method=rule, epsilon=epsilon,
                        gamma=gamma, lengths=LENGTHS)
-    np.testing.assert_allclose(np.asarray(res.score), zen_score, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(res.score), zen_score, rtol=1e-4)  # DESIGN's bound
     r = np.asarray(res.relevance)
     n = ref.valid_frames(LENGTHS, 2, T)
     assert n[1] == 36 and np.all(r[1, n[1]:] == 0)  # the padding gets nothing
     print(f"{rule} (ε={epsilon}, γ={gamma}) vs zennit: max rel diff {rel(r, zen):.2e}, "
           f"correlation {corr(r, zen):.10f}, ΣR/target ours {r.sum((1, 2)) / zen_score}, "
           f"zennit {zen.sum((1, 2)) / zen_score}")
-    assert rel(r, zen) <= 1e-3 and corr(r, zen) > 0.9999
-    # and the rules matter: gradient x input is far from the rule's relevance
+    # DESIGN's 1e-4 (was 1e-3, no origin given): zennit in float32 is within 3e-6 of
+    # zennit in float64 (ε, γ, z+ alike), and we are within 5e-6 of either
+    assert rel(r, zen) <= 1e-4 and corr(r, zen) > 0.9999
+    # and the rules matter: gradient x input is far from the rule's relevance (rel 1.7,
+    # 12 and 55 for ε, γ, z+: O(1), not a tolerance)
     gxi = js.attribute(model, features=features, target=target, method="gradient_x_input",
                        lengths=LENGTHS)
     assert rel(gxi.relevance, zen) > 1e-2
@@ -264,6 +275,7 @@ def test_gradcam_matches_captum(folder, model, features, layer):
     for i in range(2):
         expected[i, :n[i]] = ref.captum_gradcam(folder, features[i:i + 1, :n[i]], layer, INDEX[i])[0]
     print(f"Grad-CAM {layer} vs captum: max rel diff {rel(cam, expected):.2e}")
+    # DESIGN's bound; measured 1.5e-6 (captum in float32 is within 8e-7 of float64)
     assert rel(cam, expected) <= 1e-4 and np.abs(expected).max() > 0
     np.testing.assert_array_equal(res.relevance, np.broadcast_to(cam[:, :, None], features.shape))
 
@@ -276,7 +288,13 @@ def test_integrated_gradients_match_captum_and_are_complete(folder, model, featu
     expected = ref.captum_integrated_gradients(folder, features, INDEX, baseline, n_steps=32)
     gap = np.asarray(res.extras["completeness_gap"])
     print(f"IG vs captum: max rel diff {rel(res.relevance, expected):.2e}, completeness gap {gap}")
-    assert rel(res.relevance, expected) <= 1e-3
+    # DESIGN's 1e-4 (was 1e-3, no origin given): captum in float32 is within 1.4e-6 of
+    # captum in float64, and we are within 3e-6 of either
+    assert rel(res.relevance, expected) <= 1e-4
+    # (ΣR - Δscore)/|Δscore|: the quadrature error of 32 Gauss-Legendre nodes, not float
+    # noise (~1e-6): the ReLU kinks make the integrand jump, so it falls slowly with the
+    # nodes (5e-3 / 2.5e-2 at 16, 4.9e-3 / 1.5e-3 at 32, 1.1e-3 / 1.5e-4 at 128 steps),
+    # the same on any CPU. 1 %: what 32 steps promise on these weights.
     assert np.all(np.abs(gap) < 0.01)
 
 
@@ -287,6 +305,8 @@ def test_class_targets_read_the_classifier_logits(model, features):
     _, inter = model.forward(model.params, jnp.asarray(features), lengths=jnp.asarray(LENGTHS))
     logits = np.asarray(inter["logits"])
     chosen = js.attribute(model, target=js.targets.class_logit(INDEX), **kw)
+    # the same logits from other compiled programs: float32 fusion order only, a few ulp
+    # (measured equal); likewise the relevance below (atol: 3e-5 of its max, 3.4e-3)
     np.testing.assert_allclose(chosen.score, logits[[0, 1], INDEX], rtol=1e-5)
     top = js.attribute(model, target=js.targets.predicted_class(), **kw)
     np.testing.assert_allclose(top.score, logits.max(1), rtol=1e-5)
@@ -305,13 +325,15 @@ def test_verification_trial_explains_both_sides(model, features):
     cos = float((ea * eb).sum() / np.linalg.norm(ea) / np.linalg.norm(eb))
     kw = dict(features=x, method="gradient_x_input")
     both = js.attribute(model, target=js.targets.cosine_similarity(np.stack([eb, ea])), **kw)
-    np.testing.assert_allclose(both.score, [cos, cos], rtol=1e-5)
+    np.testing.assert_allclose(both.score, [cos, cos], rtol=1e-5)  # float32 norms: measured 8e-8
     for i, other in enumerate((eb, ea)):
         one = js.attribute(model, target=js.targets.cosine_similarity(np.stack([other, other])),
                            **kw)
+        # one program with per-item references vs another: float32 order only, DESIGN's
+        # 1e-4 (measured equal)
         np.testing.assert_allclose(both.relevance[i], one.relevance[i], rtol=1e-4,
                                    atol=1e-5 * float(np.abs(one.relevance[i]).max()))
-    # the two sides are different explanations
+    # the two sides are different explanations (measured 1.4: O(1), not a tolerance)
     assert rel(both.relevance[0], both.relevance[1]) > 0.1
 
 
@@ -328,8 +350,11 @@ def test_batch_of_8_equals_8_single_calls(model):
     for i in range(8):
         single = js.attribute(model, features=x[i:i + 1], target=js.targets.class_logit(index[i:i + 1]),
                               method="epsilon", lengths=lengths[i:i + 1])
+        # batch 8 and batch 1 compile to other summation orders, and the ε rule divides
+        # by pre-activations near 0, amplifying that noise: measured 5e-6 of the max, where
+        # atol was 2e-5 (4x). DESIGN's 1e-4 of the max now (20x)
         np.testing.assert_allclose(batched.relevance[i], single.relevance[0], rtol=2e-4,
-                                   atol=2e-5 * float(np.abs(single.relevance).max()))
+                                   atol=1e-4 * float(np.abs(single.relevance).max()))
         n = ref.valid_frames(lengths[i:i + 1], 1, T)[0]
         assert np.all(np.asarray(batched.relevance[i, n:]) == 0)
 

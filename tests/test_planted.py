@@ -50,8 +50,10 @@ def test_labels_are_balanced_and_shuffled(n, n_classes):
 
 def test_clips_are_speech_like_not_silent_and_not_clipped(clips):
     assert clips.waves.shape == (12, 32000) and clips.waves.dtype == np.float32
+    # the generator scales each clip to a 0.9 peak (measured 0.83); 1e-6: float32 rounding
     assert np.abs(clips.waves).max() <= 0.9 + 1e-6
-    # silences: 10 ms frames 20 dB quieter than the loud ones, in every clip
+    # silences: 10 ms frames 20 dB quieter than the loud ones, in every clip (at least 50 ms
+    # of them; measured 17 to 81 frames)
     energy = (clips.waves[:, :31840].reshape(12, -1, 160) ** 2).mean(-1)
     quiet = energy < 1e-2 * np.quantile(energy, 0.95, axis=1, keepdims=True)
     assert (quiet.sum(1) >= 5).all()
@@ -72,7 +74,7 @@ def test_sample_mask_is_exactly_where_the_evidence_sounds(clips):
     mask = clips.sample_mask()
     assert mask.shape == clips.waves.shape
     assert (clips.evidence[~mask] == 0).all()
-    assert (np.abs(clips.evidence[mask]) > 0).mean() > 0.99
+    assert (np.abs(clips.evidence[mask]) > 0).mean() > 0.99  # tones cross 0 at few samples (99.94 %)
     assert ((clips.distractors != 0) <= clips.distractor_sample_mask()).all()
     # the mix is speech + evidence + distractors: removing the evidence changes only the span
     changed = clips.waves != (clips.waves - clips.evidence)
@@ -92,8 +94,10 @@ def test_whisper_feature_mask_holds_the_evidence_energy(clips, whisper_config):
                                                clips.distractor_feature_mask(whisper_config))):
         energy = np.swapaxes(_mel_energy(signal, filters, 200), 1, 2)  # [B, mels, frames]
         inside = (energy * m).sum((1, 2)) / energy.sum((1, 2))
+        # the mask's promise: 90 % of the energy (measured ≥ 99.97 %; the rest is the
+        # window's leakage out of the band)
         assert (inside > 0.9).all(), inside
-        # and the region is tight: a small part of the time-frequency plane
+        # and the region is tight: a small part of the time-frequency plane (measured 0.9 %)
         assert m.mean() < 0.1
     # the evidence region of class k lies in band 2k, so it moves up with the class
     centre = np.array([np.nonzero(mask[i].any(1))[0].mean() for i in range(12)])
@@ -108,6 +112,7 @@ def test_ecapa_feature_mask_is_in_its_time_by_mel_layout(clips):
     assert mask.shape == (12, 201, 80)
     filters = fbank.filterbank(80)
     energy = _mel_energy(clips.evidence, filters, 201)
+    # as for Whisper: 90 % promised, ≥ 99.97 % measured
     assert ((energy * mask).sum((1, 2)) / energy.sum((1, 2)) > 0.9).all()
 
 
