@@ -94,7 +94,7 @@ class Transcript:
         def first_difference(a, b):
             n = min(len(a), len(b))
             i = next((i for i in range(n) if a[i] != b[i]), n)
-            return f"differs from token {i} on ({len(b)} tokens)"
+            return f"differs from token {i} on (it has {len(b)} tokens)"
 
         parts = [f"{name}: " + ("identical" if self.ours == ref else first_difference(self.ours, ref))
                  for name, ref in (("float32 reference", self.ref32),
@@ -299,7 +299,9 @@ def _decoder(model, wave, ref_features, ref_features64, model32_fn, model64_fn, 
         return row, (), (*notes, f"transcript: not compared ({why})")
     eos = gen["eos_token_id"]
     ref64 = generate64_fn(ref_features64, max_new, suppress)
-    ours = transcribe(model, list(wave), max_new_tokens=max_new)
+    # the greedy tokens as they are: no window dropped as silence (openai-whisper's
+    # no-speech rule is transcribe's, not generate's)
+    ours = transcribe(model, list(wave), max_new_tokens=max_new, no_speech_threshold=None)
     return row, tuple(
         Transcript(i, _text(o.tokens, eos), _text(a, eos), _text(b, eos))
         for i, (o, a, b) in enumerate(zip(ours, sequences, ref64, strict=True))), notes
