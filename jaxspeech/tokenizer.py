@@ -73,6 +73,8 @@ class WhisperTokenizer:
         self.sot = special("decoder_start_token_id", "<|startoftranscript|>")
         self.no_timestamps = special("no_timestamps_token_id", "<|notimestamps|>")
         self.timestamp_begin = self.no_timestamps + 1
+        # the token whose probability after <|startoftranscript|> says "no speech" (v3 renamed it)
+        self.no_speech = added.get("<|nospeech|>", added.get("<|nocaptions|>"))
         self.is_multilingual = bool(generation.get("is_multilingual", len(added) > 10))
         langs = generation.get("lang_to_id")
         if langs is None:  # every <|xx|> between <|startoftranscript|> and <|translate|>
