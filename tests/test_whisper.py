@@ -15,7 +15,7 @@ import jaxspeech as js
 from jaxspeech.convert.common import CheckpointError
 from jaxspeech.models.whisper import PRESETS, WhisperConfig, sinusoids
 
-TOL = 1e-4
+TOL = 1e-4  # max |diff| relative to max |reference|, float32 (DESIGN.md); measured ≤ 6e-7
 
 
 def hf_config(n_mels=80, d_model=64, layers=2, heads=4, ffn=128):
@@ -229,6 +229,7 @@ def test_intermediates_have_every_layer_and_attention_map():
     y, inter = m.forward(m.params, x)
     assert y.shape == (1, 1500, 384)
     assert inter["layers.1.self_attn.attention"].shape == (1, 6, 1500, 1500)
+    # rows of 1500 probabilities: float32 sums within ~√1500·2⁻²⁴ = 2e-6 (measured 2.4e-7)
     np.testing.assert_allclose(inter["layers.1.self_attn.attention"].sum(-1), 1.0, atol=1e-5)
     assert inter["layers.1.hidden_state"].shape == (1, 1500, 384)
     np.testing.assert_array_equal(y, m.apply(m.params, x))
@@ -237,14 +238,21 @@ def test_intermediates_have_every_layer_and_attention_map():
 def test_remat_gives_the_same_output_and_gradient():
     m = js.init("whisper-tiny", encoder_layers=2)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 80, 3000)), jnp.float32)
-    np.testing.assert_allclose(m.apply(m.params, x, remat=True), m.apply(m.params, x), atol=1e-6)
+    # the same ops, recomputed: float32 order at most (measured equal). 1e-5 at |y| ≤ 4.9
+    # (was 1e-6, 2 ulp there): 2e-6 of the scale
+    np.testing.assert_allclose(m.apply(m.params, x, remat=True), m.apply(m.params, x), atol=1e-5)
+    # A random read-out: the plain sum of the outputs has a zero gradient (the last
+    # LayerNorm's outputs sum to d·bias = 0 whatever x), so it compared float noise to
+    # float noise (|g| ≤ 4e-7, with a 2x margin to atol)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((1, 1500, 384)), jnp.float32)
 
     def loss(x, remat):
-        return m.apply(m.params, x, remat=remat).sum()
+        return (m.apply(m.params, x, remat=remat) * w).sum()
 
     g1 = jax.grad(loss)(x, False)
     g2 = jax.grad(loss)(x, True)
-    np.testing.assert_allclose(g2, g1, rtol=1e-4, atol=1e-6)
+    # DESIGN's float32 bound, relative to the gradient's scale
+    np.testing.assert_allclose(g2, g1, rtol=1e-4, atol=1e-4 * float(jnp.abs(g1).max()))
 
 
 def test_positional_table_is_whisper_sinusoids():
@@ -253,6 +261,7 @@ def test_positional_table_is_whisper_sinusoids():
     np.testing.assert_allclose(t[0, :192], 0.0)
     np.testing.assert_allclose(t[0, 192:], 1.0)
     inc = np.log(10000) / (192 - 1)
+    # float32 vs float64: 2⁻²⁴ = 6e-8 relative rounding of the argument and the sine (2e-8)
     np.testing.assert_allclose(t[7, 5], np.sin(7 * np.exp(-inc * 5)), rtol=1e-6)
 
 
