@@ -32,6 +32,14 @@ def hf_logits(model, features, tokens):
                      decoder_input_ids=torch.from_numpy(tokens).long()).logits.numpy()
 
 
+def tied_logits(model, features, tokens):
+    """A ``WhisperModel``'s decoder state times its token embedding (the tied projection)."""
+    with torch.no_grad():
+        state = model(input_features=torch.from_numpy(features),
+                      decoder_input_ids=torch.from_numpy(tokens).long()).last_hidden_state
+        return (state @ model.decoder.embed_tokens.weight.T).numpy()
+
+
 def conditional(n_mels=80, d_model=64, layers=2, heads=4, ffn=128, decoder_layers=2, seed=0):
     cfg = hf_config(n_mels, d_model, layers, heads, ffn)
     cfg.decoder_layers = decoder_layers
@@ -55,11 +63,7 @@ def test_whisper_model_folder_decodes_with_the_tied_embedding(tmp_path):
     hf.save_pretrained(tmp_path)
     m = js.load(tmp_path)
     x, t = _features(80), _tokens(64)
-    with torch.no_grad():
-        state = hf(input_features=torch.from_numpy(x),
-                   decoder_input_ids=torch.from_numpy(t).long()).last_hidden_state
-        ref = (state @ hf.decoder.embed_tokens.weight.T).numpy()
-    assert rel_diff(m.apply(m.params, x, tokens=t), ref) < TOL
+    assert rel_diff(m.apply(m.params, x, tokens=t), tied_logits(hf, x, t)) < TOL
 
 
 def test_openai_pt_decoder_matches_transformers(tmp_path):
@@ -71,11 +75,7 @@ def test_openai_pt_decoder_matches_transformers(tmp_path):
     m = js.load(tmp_path / "m.pt")
     assert m.config.decoder_layers == 1 and m.config.max_target_positions == 448
     x, t = _features(80), _tokens(64)
-    with torch.no_grad():
-        state = hf(input_features=torch.from_numpy(x),
-                   decoder_input_ids=torch.from_numpy(t).long()).last_hidden_state
-        ref = (state @ hf.decoder.embed_tokens.weight.T).numpy()
-    assert rel_diff(m.apply(m.params, x, tokens=t), ref) < TOL
+    assert rel_diff(m.apply(m.params, x, tokens=t), tied_logits(hf, x, t)) < TOL
 
 
 def test_cached_steps_give_the_teacher_forced_logits():
