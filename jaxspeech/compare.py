@@ -300,8 +300,10 @@ def _decoder(model, wave, ref_features, ref_features64, model32_fn, model64_fn, 
     eos = gen["eos_token_id"]
     ref64 = generate64_fn(ref_features64, max_new, suppress)
     # the greedy tokens as they are: no window dropped as silence (openai-whisper's
-    # no-speech rule is transcribe's, not generate's)
-    ours = transcribe(model, list(wave), max_new_tokens=max_new, no_speech_threshold=None)
+    # no-speech rule is transcribe's, not generate's); the first window only, all the
+    # references see
+    ours = transcribe(model, wave[:, : config.n_samples], max_new_tokens=max_new,
+                      no_speech_threshold=None)
     return row, tuple(
         Transcript(i, _text(o.tokens, eos), _text(a, eos), _text(b, eos))
         for i, (o, a, b) in enumerate(zip(ours, sequences, ref64, strict=True))), notes

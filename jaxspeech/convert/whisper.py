@@ -382,6 +382,10 @@ def hf_reference(model, n_mels: int, n_samples: int, dtype: str = "float32"):
     def generate_fn(features, max_new_tokens: int, suppress_tokens=None) -> list[list[int]]:
         eos = model.generation_config.eos_token_id
         options = {} if suppress_tokens is None else {"suppress_tokens": list(suppress_tokens)}
+        if getattr(model.generation_config, "is_multilingual", False):
+            # transformers puts a task token in the prompt only when told one (or a
+            # language); the hub's configs do it through forced_decoder_ids
+            options["task"] = "transcribe"
         with torch.no_grad():
             out = model.generate(input_features=torch.from_numpy(np.asarray(features, np_dtype)),
                                  max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
