@@ -139,8 +139,9 @@ def test_conservation_on_a_bias_free_model(model, features, direction, rules):
     print(f"{rules}: conservation {ratio}")
     if rules == "attnlrp":
         assert np.isfinite(ratio).all()
-    else:
-        np.testing.assert_allclose(ratio, 1.0, atol=1e-3)
+    else:  # DESIGN's 1e-4 (was 1e-3, no origin given): measured 1e-7 (CP-LRP) and 3.3e-6
+        # (with ε = 1e-6, whose stabiliser keeps ε/(z + ε) of each output's relevance)
+        np.testing.assert_allclose(ratio, 1.0, atol=1e-4)
 
 
 def test_text_similarity_conserves_under_cp_lrp(model, features):
@@ -153,10 +154,14 @@ def test_text_similarity_conserves_under_cp_lrp(model, features):
     text[1] = audio[0] + 0.5 * text[1] * np.linalg.norm(audio[0]) / np.linalg.norm(text[1])
     target = js.targets.text_similarity(text, index=1)
     res = js.attribute(model, features=features, params=params, target=target, method="cp_lrp")
-    assert np.all(np.abs(np.asarray(res.score)) > 0.05), res.score
-    np.testing.assert_allclose(np.asarray(res.conservation()), 1.0, atol=1e-3)
+    assert np.all(np.abs(np.asarray(res.score)) > 0.05), res.score  # built so: measured 0.89
+    # DESIGN's 1e-4 (was 1e-3, no origin given): measured 1.2e-7
+    np.testing.assert_allclose(np.asarray(res.conservation()), 1.0, atol=1e-4)
     plain = js.attribute(model, features=features, params=params, target=target,
                          method="gradient_x_input")
+    # Σ x·∇f = d/dλ f(λx) = 0: bias-free, the patch embedding is linear and the LayerNorm
+    # after it removes the input's scale, so this is 0 up to float32 rounding (measured
+    # 9e-9 of the score)
     assert np.all(np.abs(np.asarray(plain.relevance.sum(axis=(1, 2, 3)))) < 1e-3 * np.abs(res.score))
 
 
@@ -202,11 +207,12 @@ def lxt_relevance(folders, features, direction, cp: bool):
 def test_lrp_matches_lxt_on_the_transformers_tower(folders, model, features, direction, method):
     ref, ref_score = lxt_relevance(folders, features, direction, cp=method == "cp_lrp")
     res = js.attribute(model, features=features, target=direction_target(direction), method=method)
-    np.testing.assert_allclose(np.asarray(res.score), ref_score, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(res.score), ref_score, rtol=1e-4)  # DESIGN's bound
     r = np.asarray(res.relevance)
     print(f"{method} vs LXT: max rel diff {rel(r, ref):.2e}, correlation {corr(r, ref):.8f}")
-    assert rel(r, ref) <= 1e-3 and corr(r, ref) > 0.9999
-    # and the rules matter: plain gradient x input of the same tower is far from it
+    # DESIGN's 1e-4 (was 1e-3, no origin given); measured 8e-7
+    assert rel(r, ref) <= 1e-4 and corr(r, ref) > 0.9999
+    # and the rules matter: plain gradient x input of the same tower is far from it (1.3)
     x = torch.from_numpy(features).requires_grad_(True)
     (hf_tower(folders)(input_features=x).audio_embeds @ torch.from_numpy(direction)).sum().backward()
     assert rel((x * x.grad).detach().numpy(), ref) > 1e-2
@@ -228,7 +234,10 @@ def test_integrated_gradients_match_captum_and_are_complete(folders, model, feat
     gap = np.asarray(res.extras["completeness_gap"])
     print(f"IG vs captum: max rel diff {rel(res.relevance, ref):.2e}, correlation "
           f"{corr(res.relevance, ref):.8f}, completeness gap {gap}")
-    assert rel(res.relevance, ref) <= 1e-3
+    # DESIGN's 1e-4 (was 1e-3, no origin given); measured 5e-7
+    assert rel(res.relevance, ref) <= 1e-4
+    # (ΣR - Δscore)/|Δscore|: 32 Gauss-Legendre nodes on a smooth (GELU) path: measured
+    # 5.8e-4. 1 %: what 32 steps promise (ECAPA's ReLU kinks need most of it)
     assert np.all(np.abs(gap) < 0.01)
 
 
@@ -337,7 +346,7 @@ def test_rollout_equals_its_dense_definition(folders, model, features):
     print(f"rollout vs dense: max rel diff {rel(tokens, expected):.2e}")
     assert tokens.shape == (2, 1024)
     np.testing.assert_allclose(tokens.sum(-1), 1.0, rtol=1e-5)  # row-stochastic all the way
-    assert rel(tokens, expected) < 1e-4
+    assert rel(tokens, expected) < 1e-4  # DESIGN's bound; measured 5e-7
     # the token map is laid over the features by the tokens' own geometry
     index = jclap.token_index(model.config, 1024, frontend.CHUNK_FRAMES)
     np.testing.assert_array_equal(np.asarray(res.relevance), tokens[:, index])
@@ -367,7 +376,7 @@ def test_gradient_rollout_equals_chefer_on_transformers_attention(folders, model
     tokens = np.asarray(res.extras["tokens"])
     print(f"gradient rollout vs torch: max rel diff {rel(tokens, expected):.2e}, "
           f"correlation {corr(tokens, expected):.8f}")
-    assert rel(tokens, expected) < 1e-4
+    assert rel(tokens, expected) < 1e-4  # DESIGN's bound; measured 2e-7
 
 
 def test_window_geometry_of_the_real_model_is_hfs():
@@ -480,10 +489,12 @@ def test_text_similarity_with_given_embeddings_and_with_labels(folders, features
         ref = (x * x.grad).detach().numpy()
         res = js.attribute(m, features=features, target=js.targets.text_similarity(text, index),
                            method="gradient_x_input")
+        # cosines ≤ 1: 1e-5 is float32 noise (measured 3e-8)
         np.testing.assert_allclose(np.asarray(res.score), cos.detach().numpy(), atol=1e-5)
         print(f"text similarity: scores {np.asarray(res.score)}, max rel diff "
               f"{rel(res.relevance, ref):.2e}, correlation {corr(res.relevance, ref):.8f}")
-        assert rel(res.relevance, ref) <= 1e-3
+        # DESIGN's 1e-4 (was 1e-3, no origin given); measured 6.3e-7
+        assert rel(res.relevance, ref) <= 1e-4
     # the labels' scores (the last call) are ClapModel's own audio-text logits, unscaled
     from transformers import AutoTokenizer
 
@@ -492,6 +503,7 @@ def test_text_similarity_with_given_embeddings_and_with_labels(folders, features
         out = clap(**tok(labels, padding=True, return_tensors="pt"),
                    input_features=torch.from_numpy(features))
     logits = out.logits_per_audio.numpy() / float(clap.logit_scale_a.detach().exp())
+    # the same cosines (≤ 1) through ClapModel's logits: float32 noise (measured 3e-8)
     np.testing.assert_allclose(np.asarray(res.score), logits[np.arange(2), index], atol=1e-5)
 
 
@@ -507,6 +519,8 @@ def test_batch_of_4_equals_4_single_calls(model, direction):
     batched = js.attribute(model, features=x, target=target, method=method)
     for i in range(4):
         single = js.attribute(model, features=x[i:i + 1], target=target, method=method)
+        # batch 4 and batch 1 compile to other summation orders: float32 noise, measured
+        # 3e-7 of the max (≤ 3 % of these bounds)
         np.testing.assert_allclose(batched.relevance[i], single.relevance[0], rtol=2e-4,
                                    atol=2e-5 * float(np.abs(single.relevance).max()))
         np.testing.assert_allclose(batched.score[i], single.score[0], rtol=1e-5)
@@ -534,7 +548,8 @@ def test_gradcam_on_a_swin_stage_matches_torch(folders, model, features, directi
                        method="gradcam", layer=layer)
     cam = np.asarray(res.extras["tokens"])
     print(f"Grad-CAM vs torch: max rel diff {rel(cam, expected):.2e}")
-    assert cam.shape == (2, 256) and rel(cam, expected) < 1e-3
+    # DESIGN's 1e-4 (was 1e-3, no origin given); measured 6e-7
+    assert cam.shape == (2, 256) and rel(cam, expected) < 1e-4
     index = jclap.token_index(model.config, 256, frontend.CHUNK_FRAMES)
     np.testing.assert_array_equal(np.asarray(res.relevance), cam[:, index])
     with pytest.raises(ValueError, match="attention.attention"):  # a 5-D map is no token layer
@@ -572,6 +587,9 @@ def test_frames_and_waveform_pull_back(model):
     res = js.Attribution(jnp.asarray(rel_), jnp.ones(2), jnp.asarray(rel_), "x", "x", model,
                          wave=np.zeros((2, frontend.MAX_SAMPLES), np.float32))
     frames = rel_.sum(axis=(1, 3))
+    # sums of 64 values in float32 (|frame| ≤ 30): measured 3.8e-6; the pull-backs below
+    # are linear maps in float32 against float64 sums: DESIGN's 1e-4 (measured ≤ 1.3e-7
+    # relative)
     np.testing.assert_allclose(np.asarray(res.frames()), frames, rtol=1e-5, atol=1e-4)
     back = np.asarray(jclap.waveform_relevance(model.config, rel_, frontend.MAX_SAMPLES))
     np.testing.assert_allclose(back, np.asarray(res.to_waveform()), rtol=1e-5, atol=1e-7)
