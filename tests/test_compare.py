@@ -215,7 +215,7 @@ def tiny_en_hf(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["hf"])
+@pytest.mark.parametrize("which", ["hf", "ctranslate2"])
 def test_real_tiny_en_on_a_30s_clip_passes_against_float64(which, request):
     path = request.getfixturevalue("tiny_en_hf") if which == "hf" else str(TINY_EN)
     report = compare(path, [speech_30s()])

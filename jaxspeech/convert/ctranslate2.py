@@ -562,7 +562,8 @@ def reference(path: str, dtype: str = "float32"):
       ``<|notimestamps|>``, which each row must hold): it runs the prompt without logits, and
       without ``<|notimestamps|>`` it masks them with its timestamp rules. The rows before
       ``<|notimestamps|>`` are NaN;
-    - ``generate_fn(features, max_new_tokens) -> [B] lists of token ids``: greedy decoding
+    - ``generate_fn(features, max_new_tokens, suppress_tokens=None) -> [B] lists of token
+      ids``: greedy decoding
       with the folder's suppress / begin-suppress tokens and no timestamps, the language
       detected by the engine on a multilingual model; each sequence from its start token
       through ``<|endoftext|>`` when reached.
@@ -602,8 +603,9 @@ def reference(path: str, dtype: str = "float32"):
         return np.stack([_scores(whisper, enc, row, gen, config.vocab_size)
                          for enc, row in zip(encoded, np.asarray(tokens), strict=True)])
 
-    def generate_fn(features, max_new_tokens: int) -> list[list[int]]:
-        return [_greedy(whisper, enc, gen, max_new_tokens) for enc in encode(features)]
+    def generate_fn(features, max_new_tokens: int, suppress_tokens=None) -> list[list[int]]:
+        return [_greedy(whisper, enc, gen, max_new_tokens, suppress_tokens)
+                for enc in encode(features)]
 
     return features_fn, model_fn, generate_fn
 
@@ -645,10 +647,12 @@ def _scores(whisper, encoded: np.ndarray, row: np.ndarray, gen: dict, vocab: int
     return out
 
 
-def _greedy(whisper, encoded: np.ndarray, gen: dict, max_new: int) -> list[int]:
+def _greedy(whisper, encoded: np.ndarray, gen: dict, max_new: int,
+            suppress_tokens=None) -> list[int]:
     """The engine's greedy sequence for one item: start token, language and task on a
     multilingual model (the language the engine detects), ``<|notimestamps|>``, text, and
-    ``<|endoftext|>`` when reached within ``max_new`` tokens."""
+    ``<|endoftext|>`` when reached within ``max_new`` tokens. ``suppress_tokens``: ids never
+    generated (default: the folder's own list, CTranslate2's ``[-1]``)."""
     import ctranslate2
 
     prompt = [gen["decoder_start_token_id"]]
@@ -660,7 +664,9 @@ def _greedy(whisper, encoded: np.ndarray, gen: dict, max_new: int) -> list[int]:
     # one token more than asked: CTranslate2 drops the end token, so a sequence shorter than
     # max_new + 1 ended on it, and one that reached it is cut back to max_new
     ids = _ct2_generate(whisper, encoded, prompt, len(prompt) - 1, max_new + 1,
-                        suppress_tokens=[-1], suppress_blank=True).sequences_ids[0]
+                        suppress_tokens=[-1] if suppress_tokens is None else
+                        [int(t) for t in suppress_tokens],
+                        suppress_blank=True).sequences_ids[0]
     return prompt + (ids + [gen["eos_token_id"]] if len(ids) < max_new else ids[:max_new])
 
 
