@@ -64,3 +64,18 @@ def test_what_is_neither_a_target_nor_a_function_is_refused(model_and_clips, bad
         js.attribute(model, clips, target=bad, method="saliency")
     with pytest.raises(TypeError, match="needs a function"):
         js.targets.custom(bad)
+
+
+def test_evaluate_takes_a_plain_function_as_target():
+    """js.evaluate resolves targets as js.attribute does (a function becomes custom)."""
+    import jaxspeech.evaluate as ev
+
+    m = js.init("whisper-tiny", d_model=16, encoder_layers=1, encoder_attention_heads=2,
+                encoder_ffn_dim=32, max_source_positions=50, decoder_layers=0)
+    wave = np.random.default_rng(0).standard_normal((1, 16000)).astype(np.float32) * 0.1
+
+    def energy(y):
+        return jnp.square(y).mean(axis=(1, 2))
+
+    table = ev.evaluate(m, wave, energy, ["saliency"], steps=2, mprt=False)
+    assert "energy" in table.markdown() and "| saliency |" in table.markdown()

@@ -261,8 +261,7 @@ def evaluate(
             raise ValueError(f"valid_frames must be 'auto', None or [B] frames, got {valid_frames!r}")
         valid_frames = None if wave is None else valid_frames_of(model, _sizes(wave), x.shape[time_axis])
     valid = np.asarray(_resolve_valid(valid_frames, x, time_axis))
-    target = _targets.default(model) if target is None else target
-    target = fixed_target(model, x, target, kwargs, params)
+    target = fixed_target(model, x, _targets.resolve(model, target), kwargs, params)
     mask = None if masks is None else _expand_mask(masks, x.shape, time_axis)
     options = dict(method_options or {})
     common = dict(kwargs=kwargs, params=params, steps=steps, baseline=baseline,
