@@ -2,7 +2,12 @@
 vs LXT on transformers looping over the tokens, real Whisper weights, same CPU, same run.
 
     python benchmarks/transcript.py                          # real base, chunks 1, 4, 8
+    python benchmarks/transcript.py --threads 1 --only contenders        # base: ~9.5 min
+    python benchmarks/transcript.py --threads 1 --only chunks --chunks 1 8   # ~5 min
     python benchmarks/transcript.py --model tiny.en --repeats 3 --chunks 4
+
+(the times: on a 2-core machine shared with other jobs, load ~9; split the run there to keep
+each command under 10 minutes.)
 
 The utterance: two shipped espeak-ng sentences joined (about 4.9 s; Whisper pads it to its
 30 s window), teacher-forced on their texts (19 text tokens after the prompt, with tiny.en's
