@@ -96,3 +96,19 @@ def _relevance(model, method: Method, features, kwargs, target, params, options)
 def _mean(a) -> float:
     a = np.asarray(a, np.float64)
     return float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
+
+
+def markdown_table(head: Sequence[str], body: Sequence[Sequence[str]], caption: str) -> str:
+    """A markdown table with its caption under it (the evaluation tables' ``markdown()``)."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines + ["", caption])
+
+
+def text_table(head: Sequence[str], body: Sequence[Sequence[str]], caption: str) -> str:
+    """The same table as aligned plain-text columns (the evaluation tables' ``text()``)."""
+    widths = [max(len(row[j]) for row in [head, *body]) for j in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in [head, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines + ["", caption])

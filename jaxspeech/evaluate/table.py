@@ -21,6 +21,8 @@ from jaxspeech.evaluate.common import (
     _resolve_valid,
     _sizes,
     fixed_target,
+    markdown_table,
+    text_table,
     valid_frames_of,
 )
 from jaxspeech.evaluate.localisation import _expand_mask, mass_in_mask, pointing_game
@@ -100,18 +102,10 @@ class Table:
                 f"first), pass if <= {i['mprt_threshold']}; means over items")
 
     def text(self) -> str:
-        head, body = self._grid()
-        widths = [max(len(row[j]) for row in [head, *body]) for j in range(len(head))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                 for row in [head, *body]]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines + ["", self.caption()])
+        return text_table(*self._grid(), self.caption())
 
     def markdown(self) -> str:
-        head, body = self._grid()
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-        return "\n".join(lines + ["", self.caption()])
+        return markdown_table(*self._grid(), self.caption())
 
     def __str__(self) -> str:
         return self.text()

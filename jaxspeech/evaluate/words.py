@@ -57,7 +57,7 @@ from jaxspeech.assets import SpeechClip
 from jaxspeech.attribution import methods as _methods
 from jaxspeech.attribution.targets import Target
 from jaxspeech.attribution.transcript import TRANSCRIPT_METHODS, attribute_transcript, clip_frames
-from jaxspeech.evaluate.common import _baseline, _mean
+from jaxspeech.evaluate.common import _baseline, _mean, markdown_table, text_table
 from jaxspeech.evaluate.localisation import mass_in_mask, pointing_game
 from jaxspeech.evaluate.perturbation import perturbation_curves
 from jaxspeech.frontends.whisper import HOP_LENGTH, SAMPLE_RATE
@@ -451,18 +451,10 @@ class WordTable:
                 "per token (clip + padding + prefix = 1); means over words / tokens.")
 
     def markdown(self) -> str:
-        head, body = self._grid()
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-        return "\n".join(lines + ["", self.caption()])
+        return markdown_table(*self._grid(), self.caption())
 
     def text(self) -> str:
-        head, body = self._grid()
-        widths = [max(len(row[j]) for row in [head, *body]) for j in range(len(head))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                 for row in [head, *body]]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines + ["", self.caption()])
+        return text_table(*self._grid(), self.caption())
 
     def to_dict(self) -> dict:
         return {"info": self.info, "words": self.words, "methods": self.methods,
