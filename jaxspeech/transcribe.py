@@ -209,6 +209,9 @@ def generate(m: Model, features, *, tokenizer: WhisperTokenizer | None = None, l
     every, first = suppress_masks(config, m.extras.get("generation") or {}, tok)
     language_ids = np.array(sorted(tok.lang_to_id.values()) or [0], np.int32)
     size = n if not batch_size else min(batch_size, n)
+    # once on the device: a loaded checkpoint's params are NumPy arrays, which every jitted
+    # call would otherwise copy over again (the whole model, per batch)
+    params = jax.device_put(m.params)
     tokens, prompts, avg_logprobs, no_speech_probs = [], [], [], []
     for lo in range(0, n, size):
         rows = list(range(lo, min(lo + size, n)))
@@ -218,7 +221,7 @@ def generate(m: Model, features, *, tokenizer: WhisperTokenizer | None = None, l
         local = [rows.index(owners[r]) if owners[r] in rows else -1 for r in rows + pad]
         given = [-1 if owners[r] in rows else prompts[owners[r]][1] for r in rows + pad]
         out, used, total, no_speech = jax.device_get(_greedy(
-            config, budget, detect, m.params, features[np.array(rows + pad)],
+            config, budget, detect, params, features[np.array(rows + pad)],
             jnp.asarray([prompt] * size, jnp.int32), jnp.asarray(every), jnp.asarray(first),
             jnp.asarray(language_ids), jnp.asarray(np.maximum(local, 0), jnp.int32),
             jnp.asarray(given, jnp.int32), tok.eot, tok.no_speech or 0))
@@ -419,10 +422,9 @@ def ctranslate2_reference(path: str, m: Model, compute_type: str = "float32",
     ``max_length``, so it is given twice the budget."""
     import ctranslate2
 
-    from jaxspeech.convert.ctranslate2 import _engine_folder
+    from jaxspeech.convert.ctranslate2 import engine as ct2_engine
 
-    with _engine_folder(path) as folder:
-        engine = ctranslate2.models.Whisper(folder, device="cpu", compute_type=compute_type)
+    engine = ct2_engine(path, compute_type)
     tok, suppress, budget = _reference_settings(m, max_new_tokens)
 
     def fn(features, language=None, task="transcribe"):

@@ -175,15 +175,15 @@ def test_bad_audio_is_refused_before_decoding(tiny_en, wave, options, match):
         transcribe(tiny_en, wave, **options)
 
 
-def test_a_model_without_decoder_or_tokenizer_is_a_clear_error():
-    encoder_only = js.init("whisper-tiny", encoder_layers=1, d_model=64, encoder_attention_heads=2,
-                           encoder_ffn_dim=64, decoder_layers=0, vocab_size=0,
-                           decoder_attention_heads=0, decoder_ffn_dim=0)
+def test_a_model_without_decoder_or_tokenizer_is_a_clear_error(small):
+    encoder = {k: v for k, v in small.params.items() if k != "decoder"}
+    encoder_only = js.Model(small.config.encoder_only(), encoder, extras=small.extras)
     with pytest.raises(ValueError, match="encoder only"):
         transcribe(encoder_only, np.zeros(RATE, np.float32))
-    random = js.init("whisper-tiny.en", **SMALL)  # random weights: no tokenizer in extras
-    with pytest.raises(TokenizerError, match="no tokenizer_json and no generation"):
-        transcribe(random, np.zeros(RATE, np.float32))
+    untokenized = js.Model(small.config, small.params, source="init:whisper-tiny.en")
+    with pytest.raises(TokenizerError, match="init:whisper-tiny.en has no tokenizer_json and no "
+                                             "generation"):
+        transcribe(untokenized, np.zeros(RATE, np.float32))
 
 
 # A small random model with tiny.en's vocabulary, tokenizer and generation settings: random
