@@ -79,9 +79,12 @@ STEPS = [
         except SystemExit as e:
             assert e.code == 0, e.code
     """),
-    ("jaxspeech demo (one method)", """
+    # the real-speech part too (real tiny.en through the CTranslate2 reader, the tokenizer,
+    # transcription, word timestamps), on one clip and one method to keep the child short
+    ("jaxspeech demo (one method, one speech clip)", """
         assert main(["demo", "--out", "demo", "--methods", "gradient_x_input", "--steps", "2",
-                     "--no-mprt"]) == 0
+                     "--no-mprt", "--speech-clips", "1", "--speech-methods",
+                     "gradient_x_input"]) == 0
     """),
 ]
 
