@@ -179,11 +179,16 @@ def test_ig_completeness_through_jvps_equals_the_reported_gap(small, clip):
         tr = js.attribute_transcript(small, features=x, tokens=[tokens],
                                      method="integrated_gradients", steps=steps)
         total = np.abs(np.asarray(tr.relevance[0])).sum(axis=(1, 2))
+        ends = np.abs(tr.score[0]) + np.abs(tr.extras["baseline_score"][0])
         delta = np.abs(tr.score[0] - tr.extras["baseline_score"][0])
         # Two float32 evaluations of the same sum Σ w·∇f·(x - b): its rounding error is at
         # most ~ log2(n) eps Σ|terms| for a pairwise sum over n = 2.4e5 features (~2e-6 of
-        # Σ|R|, both sides); as a gap it is divided by |Δf|.
-        bound = 1e-5 * total / delta
+        # Σ|R|, both sides). The ends f(x), f(b) come from forwards through different
+        # attention paths (fused vs tiled, equal in exact arithmetic): a few float32 ulp of
+        # |log p| each (~1e-6 at |log p| ~ 11), which matters as |Δf| is ~1e-2 on this
+        # random model. As a gap both are divided by |Δf|.
+        eps = np.finfo(np.float32).eps
+        bound = (1e-5 * total + 16 * eps * ends) / delta
         assert np.all(np.abs(gaps[steps][0] - tr.extras["completeness_gap"][0]) <= bound)
 
 
@@ -260,4 +265,4 @@ def test_real_tiny_en_uses_the_audio_of_each_word(real):
     d = table.deletion()
     assert d["words"] == len(clip.words)
     assert d["drop_own"] > d["drop_elsewhere"]
-    assert d["own_larger"] > 0.5
+    assert d["own_larger"] > 0.5  # the same argument word by word: for most of its words
