@@ -26,7 +26,7 @@ from jaxspeech.attribution.targets import Target, unknown_layer_message
 from jaxspeech.layers import KEEP_ATTENTION_MAPS
 from jaxspeech.model import _module, family_of, flatten_intermediates, param_shapes
 
-__all__ = ["gradient", "integrated_gradients", "smoothgrad", "gradcam", "rollout",
+__all__ = ["gradient", "integrated_gradients", "smoothgrad", "gradcam", "gradcam_map", "rollout",
            "gradient_rollout", "layer_names", "ig_nodes"]
 
 
@@ -169,15 +169,24 @@ def _gradcam(config, params, x, kwargs, target, layer, path, zeros, remat=False)
 
     g, (s, acts) = jax.grad(f, has_aux=True)(zeros)
     if kwargs.get("lengths") is None:
-        weights = g.mean(axis=1, keepdims=True)  # [B, 1, C]: mean gradient per channel
-        return jax.nn.relu((acts * weights).sum(-1)), s  # [B, T]
-    # padded items: the mean runs over the item's own frames and its padding gets no
-    # map, so an item gives the map it gives alone (the frames keep the layer's rate)
+        return gradcam_map(g, acts), s
     valid = (jnp.arange(acts.shape[1], dtype=jnp.float32)[None, :]
              < kwargs["lengths"].astype(jnp.float32)[:, None] * jnp.float32(acts.shape[1]))
+    return gradcam_map(g, acts, valid), s
+
+
+def gradcam_map(g: jnp.ndarray, acts: jnp.ndarray, valid: jnp.ndarray | None = None
+                ) -> jnp.ndarray:
+    """``relu(Σ_c mean_t(g_c) A_c)`` from a layer output ``acts [B, T, C]`` and the target's
+    gradient ``g`` with respect to it -> ``[B, T]``. With ``valid [B, T]`` (bool) the mean
+    runs over each item's valid frames and the others get no map, so a padded item gives
+    the map it gives alone (the frames keep the layer's rate)."""
+    if valid is None:
+        weights = g.mean(axis=1, keepdims=True)  # [B, 1, C]: mean gradient per channel
+        return jax.nn.relu((acts * weights).sum(-1))
     m = valid[:, :, None].astype(g.dtype)
-    weights = (g * m).sum(axis=1, keepdims=True) / m.sum(axis=1, keepdims=True)
-    return jax.nn.relu((acts * weights).sum(-1)) * m[:, :, 0], s
+    weights = (g * m).sum(axis=1, keepdims=True) / jnp.maximum(m.sum(axis=1, keepdims=True), 1)
+    return jax.nn.relu((acts * weights).sum(-1)) * m[:, :, 0]
 
 
 def gradcam(config, params, x, kwargs, target, layer: str, remat=False):
