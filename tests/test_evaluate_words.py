@@ -206,13 +206,15 @@ def test_cli_writes_the_table(small, clip, tmp_path, capsys):
     spans = _spans_file(tmp_path, clip)
     out = tmp_path / "out"
     assert main(["evaluate-words", str(folder), "--spans", str(spans), "--methods",
-                 "gradient_x_input", "--no-curves", "--controls", "1", "--out", str(out)]) == 0
+                 "gradient_x_input,rollout", "--no-curves", "--controls", "1", "--out",
+                 str(out)]) == 0
     printed = capsys.readouterr().out
     assert "gradient_x_input" in printed and "Deletion (the model)" in printed
     result = json.loads((out / "words.json").read_text())
     assert [w["word"] for w in result["words"]] == [w for w, _, _ in clip.words]
-    assert result["rows"][0]["method"] == "gradient_x_input"
-    assert result["rows"][0]["words"] == len(clip.words)
+    assert [r["method"] for r in result["rows"]] == ["gradient_x_input", "rollout"]
+    assert result["rows"][0]["words"] == len(clip.words) and not result["errors"]
+    assert result["rows"][1]["prefix_share"] == 0.0  # rollout's maps are over the audio only
     assert "| gradient_x_input |" in (out / "words.md").read_text()
 
 

@@ -66,3 +66,22 @@ def test_exit_status_says_whether_every_file_was_explained(checkpoint, tmp_path,
     assert (tmp_path / f"{clip.id}.npz").exists()  # what was done is kept
     assert main(["explain-transcript", checkpoint, str(clip.path), str(clip.path), "--text", "a",
                  "--out", str(tmp_path)]) == 2
+
+
+def test_method_choices_include_the_encoder_frame_maps(checkpoint, tmp_path, capsys):
+    clip = speech_clips()[0]
+    code = main(["explain-transcript", checkpoint, str(clip.path), "--text", clip.text, "--out",
+                 str(tmp_path), "--method", "gradcam", "--layer", "layers.0.hidden_state",
+                 "--no-png"])
+    assert code == 0
+    data = np.load(tmp_path / f"{clip.id}.npz")
+    assert "prefix_relevance" not in data  # a map over the audio only
+    np.testing.assert_allclose(data["share_prefix"], 0.0)
+    assert json.loads(str(data["meta"]))["method"] == "gradcam"
+    assert main(["explain-transcript", checkpoint, str(clip.path), "--text", clip.text, "--out",
+                 str(tmp_path), "--method", "gradcam", "--layer", "nope"]) == 1
+    assert "layers.0.hidden_state" in capsys.readouterr().err  # the layers it has
+    with pytest.raises(SystemExit):
+        main(["explain-transcript", checkpoint, str(clip.path), "--out", str(tmp_path),
+              "--method", "occlusion"])
+    assert "invalid choice: 'occlusion'" in capsys.readouterr().err

@@ -70,26 +70,34 @@ def lxt_whisper_encoder(folder, cp: bool = False) -> Iterator:
 
 
 def lxt_whisper_token_relevance(folder, features: np.ndarray, sequence: np.ndarray, n_text: int,
-                                cp: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                                cp: bool = False, model=None) -> tuple[np.ndarray, np.ndarray]:
     """Each text token's AttnLRP / CP-LRP relevance over the features, one backward per token
     (LXT's way): ``sequence [B, S]`` is the decoder input (prompt + ``n_text`` text tokens);
     token j's target is ``log p(sequence[:, S - n + j] | prefix)``. Returns
-    ``(relevance [B, n, n_mels, frames], score [B, n])``."""
+    ``(relevance [B, n, n_mels, frames], score [B, n])``. Pass a ``model`` already inside
+    :func:`lxt_whisper` to reuse it (its rules then hold; ``folder`` and ``cp`` are unused);
+    else one is built."""
     import torch
 
     seq = torch.from_numpy(np.asarray(sequence)).long()
     start = seq.shape[1] - n_text
-    relevance, scores = [], []
-    with lxt_whisper(folder, cp) as model:
+
+    def run(net):
+        relevance, scores = [], []
         for j in range(n_text):
             x = torch.from_numpy(np.asarray(features, np.float32)).requires_grad_(True)
-            logits = model(input_features=x, decoder_input_ids=seq).logits
+            logits = net(input_features=x, decoder_input_ids=seq).logits
             logp = torch.log_softmax(logits[:, start + j - 1], dim=-1)
             score = logp.gather(1, seq[:, start + j, None])[:, 0]
             score.sum().backward()
             relevance.append((x * x.grad).detach().numpy())
             scores.append(score.detach().numpy())
-    return np.stack(relevance, 1), np.stack(scores, 1)
+        return np.stack(relevance, 1), np.stack(scores, 1)
+
+    if model is not None:
+        return run(model)
+    with lxt_whisper(folder, cp) as net:
+        return run(net)
 
 
 def lxt_whisper_relevance(folder, features: np.ndarray, target: Callable, cp: bool = False,

@@ -20,6 +20,31 @@ credits those constant frames. ``reference="silence"`` (the default) takes relev
 padding then gets exactly 0, and speech frames are explained by how they differ from
 silence. ``reference=None`` gives the plain ``x · grad`` maps. Every result reports the
 share of |R| inside the clip, on the padding and on the text prefix.
+
+Maps over the encoder's frames (``ENCODER_FRAME_METHODS``): ``gradcam`` (an encoder layer's
+output), ``rollout`` and ``gradient_rollout`` (Chefer et al. 2021's rules for an
+encoder-decoder, over every attention map) and ``alignment_heads`` (the cross-attention
+:mod:`jaxspeech.timing` aligns words with) give one value per 20 ms encoder frame; each is
+spread evenly over its two 10 ms mel frames and the mel bins, so a token's map keeps its
+total. They say nothing about the text prefix (``prefix_relevance`` is None, its share 0)
+and take no ``reference``. The rollout rules, with ``Ā`` a map averaged over its heads:
+
+    encoder      R_ee = I;  per layer  R_ee += Ā R_ee
+    decoder      R_de = 0;  per layer  R_de += Ā_self R_de  (causal self-attention)
+                                       R_de += Ā_cross R̄_ee (cross-attention)
+    token j      the row of R_de at the position that predicts it, over the encoder frames
+
+``rollout``: ``Ā`` = the mean attention, and every update's rows renormalised to sum to 1
+(in the encoder exactly :func:`~jaxspeech.attribution.methods.rollout`'s ``0.5 A + 0.5 I``
+product, as Abnar & Zuidema and Chefer et al.'s rollout baseline), ``R̄_ee = R_ee``: each
+token's map is a distribution over the encoder frames. ``gradient_rollout``: ``Ā`` = the
+mean of ``(∇A ⊙ A)⁺``, the gradient of the token's own target (all tokens in one mapped
+backward), no renormalisation, and ``R̄_ee = I + D⁻¹(R_ee - I)`` with ``D`` the row sums of
+``R_ee - I`` (the paper's eq. 8-9). Two departures from the paper's rule 10,
+``R_de += (R̄_dd)ᵀ Ā_cross R̄_ee``, both because Whisper's decoder is causal: its ``(R̄_dd)ᵀ``
+would give position i the cross-attention of the later positions that i feeds, which the
+prediction at i cannot depend on; and the earlier positions that i attends to are already
+carried into row i by the self-attention update, so ``R_dd`` never enters ``R_de``.
 """
 
 from __future__ import annotations
@@ -36,13 +61,20 @@ import numpy as np
 
 from jaxspeech import lrp
 from jaxspeech.attribution import methods
+from jaxspeech.attribution.targets import unknown_layer_message
 from jaxspeech.frontends import whisper as frontend
-from jaxspeech.model import _module
+from jaxspeech.layers import KEEP_ATTENTION_MAPS
+from jaxspeech.model import _module, flatten_intermediates
 
-__all__ = ["attribute_transcript", "TranscriptAttribution", "TRANSCRIPT_METHODS"]
+__all__ = ["attribute_transcript", "TranscriptAttribution", "TRANSCRIPT_METHODS",
+           "ENCODER_FRAME_METHODS", "encoder_frames_to_features"]
 
+# Methods whose maps live on the encoder's 20 ms frames (a layer output or attention over
+# them), spread over the log-mel by :func:`encoder_frames_to_features`.
+ENCODER_FRAME_METHODS = ("gradcam", "rollout", "gradient_rollout", "alignment_heads")
 TRANSCRIPT_METHODS = tuple(lrp.RULE_SETS) + ("saliency", "gradient_x_input",
-                                             "integrated_gradients", "smoothgrad")
+                                             "integrated_gradients", "smoothgrad"
+                                             ) + ENCODER_FRAME_METHODS
 # IG's completeness gap above which a warning says to raise ``steps``. Measured per token
 # (log-probability targets, silence baseline, Gauss-Legendre nodes) on the shipped span
 # clips (scripts/word_faithfulness.py ig), worst / median gap: tiny.en 64 steps 67 % / 10 %,
@@ -119,6 +151,7 @@ def attribute_transcript(
     key: jax.Array | None = None,
     rules: lrp.RuleSet | None = None,
     target: str = "logprob",
+    layer: str | None = None,
     remat: bool = False,
 ) -> TranscriptAttribution:
     """Explain each text token of a transcript of ``wave`` (``[B, samples]`` at 16 kHz, a list
@@ -131,8 +164,13 @@ def attribute_transcript(
     per text token (-1: none); the target becomes ``log p(token) - log p(alternative)``.
     ``method``: an LRP rule set (``rules=`` for a custom one), ``saliency``,
     ``gradient_x_input``, ``integrated_gradients`` (``steps``; baseline: silence, its
-    completeness per token is in ``extras["completeness_gap"]``) or ``smoothgrad``.
-    ``reference``: ``"silence"`` (relevance of ``x - x_silence``) or ``None`` (``x · grad``).
+    completeness per token is in ``extras["completeness_gap"]``), ``smoothgrad``, or a map over
+    the encoder's frames (module doc): ``gradcam`` (``layer``: an encoder layer's output,
+    default the last layer's ``hidden_state``; the gradient's mean runs over the clip's
+    encoder frames and the padding gets no map), ``rollout``, ``gradient_rollout`` or
+    ``alignment_heads`` (the checkpoint's ``extras["generation"]["alignment_heads"]``).
+    ``reference``: ``"silence"`` (relevance of ``x - x_silence``) or ``None`` (``x · grad``);
+    the encoder-frame methods and saliency take none.
     ``target``: ``"logprob"`` (default) or ``"logit"``, the token's pre-softmax logit (LXT's
     usual target). A log-probability saturates: a word the model is sure of (log p ≈ 0) has
     a near-zero gradient, so its map is faint; its logit does not saturate.
@@ -147,6 +185,10 @@ def attribute_transcript(
     if m.kind != "whisper" or not m.config.has_decoder:
         raise ValueError("attribute_transcript explains a Whisper decoder's tokens; this model "
                          f"({m.kind}{', encoder only' if m.kind == 'whisper' else ''}) has none")
+    if rules is not None and method in ENCODER_FRAME_METHODS:
+        raise ValueError(f"rules= sets an LRP rule set; method={method!r} uses none")
+    if layer is not None and method != "gradcam":
+        raise ValueError(f"layer= is Grad-CAM's; method={method!r} reads no layer")
     if features is None:
         if wave is None:
             raise ValueError("give a waveform (wave=...) or features=... with num_frames=...")
@@ -258,6 +300,11 @@ def attribute_transcript(
         relevance, prefix = gx, None
         _, score, _, _ = token_gradients(*args, x, None, chunk, remat)
         score = score.T
+    elif method in ENCODER_FRAME_METHODS:
+        per_frame, score = _encoder_frame_maps(m, method, args, x, num_frames, valid.sum(axis=1),
+                                               layer, chunk, remat, extras)
+        relevance = encoder_frames_to_features(per_frame, m.config.n_mels, m.config.n_frames)
+        prefix = None
     else:
         gx, score, gemb, emb = token_gradients(*args, x, rule_set, chunk, remat)
         score = score.T
@@ -313,40 +360,280 @@ def _shares(relevance, prefix, num_frames, valid) -> dict[str, np.ndarray]:
     return {k: np.where(valid, v, np.nan) for k, v in out.items()}
 
 
+def _teacher_forced(config, params, seq, target_tok, alt, logit, x, perturb=None, *, rules=None,
+                    remat=False, maps=False):
+    """One teacher-forced forward of ``seq [B, S]``: ``(targets [B, n], intermediates)``.
+
+    Target j: ``log p(target_tok[:, j] | prefix)`` read from the logits at position
+    ``S - n + j - 1`` (minus ``log p(alt[:, j])`` where ``alt >= 0``); with ``logit`` the
+    pre-softmax logits. ``perturb``: zero ``perturbations`` entries (:func:`jaxspeech.layers.tap`)
+    whose gradients are those of the tapped values; ``maps``: keep the attention maps."""
+    n = target_tok.shape[1]
+    start = seq.shape[1] - n
+    variables = {"params": params} if not perturb else {"params": params, "perturbations": perturb}
+    collections = ["intermediates"] + ([KEEP_ATTENTION_MAPS] if maps else [])
+    logits, state = _module(config, rules, remat).apply(variables, x, tokens=seq,
+                                                        mutable=collections)
+    logp = logits[:, start - 1:start - 1 + n]  # [B, n, V]
+    if not logit:
+        logp = jax.nn.log_softmax(logp, axis=-1)
+    picked = jnp.take_along_axis(logp, target_tok[..., None], axis=-1)[..., 0]
+    other = jnp.take_along_axis(logp, jnp.maximum(alt, 0)[..., None], axis=-1)[..., 0]
+    return (jnp.where(alt >= 0, picked - other, picked),
+            flatten_intermediates(state.get("intermediates", {})))
+
+
+def _one_hot_rows(scores, j):
+    """The cotangent that picks token ``j``'s target of every item."""
+    return jnp.zeros_like(scores).at[:, j].set(1.0)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "logit", "rules", "chunk", "remat"))
 def token_gradients(config, params, seq, target_tok, alt, logit, x, rules=None, chunk=4,
                     remat=False):
     """One teacher-forced forward of ``seq [B, S]`` (prompt + text), then the backward of each
-    text token's target mapped over the ``n`` tokens, ``chunk`` at a time.
-
-    Target j: ``log p(target_tok[:, j] | prefix)`` read from the logits at position
-    ``S - n + j - 1`` (minus ``log p(alt[:, j])`` where ``alt >= 0``); with ``logit`` the
-    pre-softmax logits instead of log-probabilities. Returns
-    ``(grad over x [n, B, ...], target [n, B], grad over the token embeddings [n, B, S, d],
-    the embeddings [B, S, d])``; under ``rules`` the grads are LRP's.
+    text token's target (:func:`_teacher_forced`) mapped over the ``n`` tokens, ``chunk`` at
+    a time. Returns ``(grad over x [n, B, ...], target [n, B], grad over the token
+    embeddings [n, B, S, d], the embeddings [B, S, d])``; under ``rules`` the grads are LRP's.
     """
     n = target_tok.shape[1]
-    start = seq.shape[1] - n
-    module = _module(config, rules, remat)
 
     def targets(x_, delta):
-        logits, state = module.apply(
-            {"params": params, "perturbations": {"decoder": {"embeddings": delta}}},
-            x_, tokens=seq, mutable=["intermediates"])
-        logp = logits[:, start - 1:start - 1 + n]  # [B, n, V]
-        if not logit:
-            logp = jax.nn.log_softmax(logp, axis=-1)
-        picked = jnp.take_along_axis(logp, target_tok[..., None], axis=-1)[..., 0]
-        other = jnp.take_along_axis(logp, jnp.maximum(alt, 0)[..., None], axis=-1)[..., 0]
-        emb = state["intermediates"]["decoder"]["embeddings"][0] - delta
-        return jnp.where(alt >= 0, picked - other, picked), emb
+        s, inter = _teacher_forced(config, params, seq, target_tok, alt, logit, x_,
+                                   {"decoder": {"embeddings": delta}}, rules=rules, remat=remat)
+        return s, inter["decoder.embeddings"] - delta
 
     b, s = seq.shape
     delta = jnp.zeros((b, s, config.d_model), x.dtype)
     scores, backward, emb = jax.vjp(targets, x, delta, has_aux=True)
 
     def one_token(j):
-        return backward(jnp.zeros_like(scores).at[:, j].set(1.0))
+        return backward(_one_hot_rows(scores, j))
 
     gx, gemb = jax.lax.map(one_token, jnp.arange(n), batch_size=min(chunk, n))
     return gx, scores.T, gemb, emb
+
+
+# --- maps over the encoder's frames ----------------------------------------------------------
+
+def encoder_frames_to_features(v, n_mels: int, n_frames: int) -> jnp.ndarray:
+    """``v [..., S]``, one value per 20 ms encoder frame -> ``[..., n_mels, n_frames]``: each
+    value spread evenly over the mel frames conv2's stride merged into it (two) and over the
+    mel bins, so a map's total is kept."""
+    v = jnp.asarray(v)
+    per = n_frames // v.shape[-1]
+    frames = jnp.repeat(v, per, axis=-1) / (per * n_mels)
+    return jnp.broadcast_to(frames[..., None, :], v.shape[:-1] + (n_mels, n_frames))
+
+
+def _clip_encoder_frames(num_frames) -> np.ndarray:
+    """The encoder frames of each clip: those whose two mel frames lie inside it (the
+    alignment heads' convention, openai's ``num_frames // 2``)."""
+    return np.asarray(num_frames) // 2
+
+
+def _encoder_frame_maps(m, method, args, x, num_frames, n_text, layer, chunk, remat, extras):
+    """``(maps [n, B, S_enc], targets [B, n])`` of an encoder-frame method; ``n_text [B]``:
+    each item's number of text tokens."""
+    config, params, seq, target_tok, alt, logit = args
+    enc_frames = _clip_encoder_frames(num_frames)
+    if method == "alignment_heads":
+        rows = _alignment_rows(m, x, seq, n_text, target_tok.shape[1], enc_frames)
+        scores = _token_targets(*args, x)
+        return jnp.swapaxes(rows, 0, 1), scores
+    paths = methods.layer_paths(config, x, {"tokens": seq})
+    if method == "gradcam":
+        layer = layer or f"layers.{config.encoder_layers - 1}.hidden_state"
+        over_frames = [name for name, (_, spec) in paths.items() if not name.startswith("decoder.")
+                       and spec.ndim == 3 and spec.shape[1] == config.max_source_positions]
+        if layer not in over_frames:
+            raise ValueError("gradcam on a transcript reads an encoder layer's output over the "
+                             "audio's frames; " + unknown_layer_message(layer, over_frames))
+        path, spec = paths[layer]
+        valid = jnp.arange(spec.shape[1])[None, :] < jnp.asarray(enc_frames)[:, None]
+        extras["layer"] = layer
+        cams, scores = _gradcam(config, params, seq, target_tok, alt, logit, x, valid,
+                                jnp.zeros(spec.shape, spec.dtype), path, chunk, remat)
+        return cams, scores
+    names = _rollout_names(config, paths)
+    if method == "rollout":
+        return _rollout(config, params, seq, target_tok, alt, logit, x, names)
+    flat = tuple(name for group in names for name in group)
+    return _gradient_rollout(config, params, seq, target_tok, alt, logit, x,
+                             [jnp.zeros(paths[k][1].shape, paths[k][1].dtype) for k in flat],
+                             names, tuple(paths[k][0] for k in flat), chunk, remat)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "logit"))
+def _token_targets(config, params, seq, target_tok, alt, logit, x):
+    """``targets [B, n]`` of the plain forward (no maps kept)."""
+    return _teacher_forced(config, params, seq, target_tok, alt, logit, x)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "logit", "path", "chunk", "remat"))
+def _gradcam(config, params, seq, target_tok, alt, logit, x, valid, zeros, path, chunk=4,
+             remat=False):
+    """Grad-CAM of every token at the layer output ``path`` (``[B, T, C]``, ``zeros`` its
+    shape): ``(cams [n, B, T], targets [B, n])``. The layer's gradient comes from a zero
+    ``perturbations`` entry there, one backward per token mapped over the tokens."""
+    name = ".".join(path)
+    n = target_tok.shape[1]
+
+    def targets(z):
+        s, inter = _teacher_forced(config, params, seq, target_tok, alt, logit, x,
+                                   methods._nest(path, z), remat=remat)
+        return s, inter[name]
+
+    scores, backward, acts = jax.vjp(targets, zeros, has_aux=True)
+
+    def one_token(j):
+        (g,) = backward(_one_hot_rows(scores, j))
+        return methods.gradcam_map(g, acts, valid)
+
+    return jax.lax.map(one_token, jnp.arange(n), batch_size=min(chunk, n)), scores
+
+
+def _rollout_names(config, paths) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """The attention maps in layer order: encoder self-attention, decoder self-attention,
+    cross-attention."""
+    names = (tuple(f"layers.{i}.self_attn.attention" for i in range(config.encoder_layers)),
+             tuple(f"decoder.layers.{i}.self_attn.attention" for i in range(config.decoder_layers)),
+             tuple(f"decoder.layers.{i}.encoder_attn.attention"
+                   for i in range(config.decoder_layers)))
+    missing = [k for group in names for k in group if k not in paths]
+    if missing:  # a model that taps its maps under other names
+        raise ValueError(f"rollout reads the attention maps {missing}, which this model does "
+                         f"not tap; it has {methods._attention_names(paths)}")
+    return names
+
+
+def _rows_to_one(r: jnp.ndarray) -> jnp.ndarray:
+    """Rows scaled to sum to 1; rows of zeros stay zero."""
+    total = r.sum(axis=-1, keepdims=True)
+    return jnp.where(total > 0, r / jnp.where(total > 0, total, 1), 0.0)
+
+
+def _decoder_to_encoder(selfs, crosses, normalise: bool) -> jnp.ndarray:
+    """``C [B, S, T]`` with ``R_de = C R̄_ee``: from ``C = 0``, per decoder layer
+    ``C += Ā_self C`` then ``C += Ā_cross`` (``selfs [B, S, S]``, ``crosses [B, S, T]``);
+    ``normalise`` rescales the rows after every update (``rollout``: there ``R̄_ee``'s rows
+    sum to 1, so ``R_de``'s rows then do too)."""
+    c = jnp.zeros_like(crosses[0])
+    for a_self, a_cross in zip(selfs, crosses, strict=True):
+        c = c + jnp.einsum("bik,bkt->bit", a_self, c)
+        c = _rows_to_one(c) if normalise else c
+        c = c + a_cross
+        c = _rows_to_one(c) if normalise else c
+    return c
+
+
+def _times_encoder(v: jnp.ndarray, factors) -> jnp.ndarray:
+    """``v [B, R, T]`` times ``F_L ⋯ F_1``, as vector-matrix products from the left: never
+    ``T x T x T``."""
+    for f in reversed(factors):
+        v = jnp.einsum("brt,bts->brs", v, f)
+    return v
+
+
+@functools.partial(jax.jit, static_argnames=("config", "logit", "names"))
+def _rollout(config, params, seq, target_tok, alt, logit, x, names):
+    """Attention rollout of every token: ``(maps [n, B, T], targets [B, n])``."""
+    enc, dec_self, cross = names
+    n = target_tok.shape[1]
+    start = seq.shape[1] - n
+    scores, inter = _teacher_forced(config, params, seq, target_tok, alt, logit, x, maps=True)
+    factors = []
+    for name in enc:  # as methods.rollout: 0.5 A + 0.5 I, rows renormalised
+        a = inter[name].mean(axis=1)
+        a = 0.5 * a + 0.5 * jnp.eye(a.shape[-1], dtype=a.dtype)[None]
+        factors.append(a / a.sum(axis=-1, keepdims=True))
+    c = _decoder_to_encoder([inter[k].mean(axis=1) for k in dec_self],
+                            [inter[k].mean(axis=1) for k in cross], normalise=True)
+    rows = _times_encoder(c[:, start - 1:start - 1 + n], factors)
+    return jnp.swapaxes(rows, 0, 1), scores
+
+
+def _times_residual_normalised(v: jnp.ndarray, cams) -> jnp.ndarray:
+    """``v [B, R, T]`` times ``R̄_ee = I + D⁻¹(R_ee - I)``, ``R_ee = (I + Ā_L) ⋯ (I + Ā_1)`` and
+    ``D`` the row sums of ``R_ee - I`` (Chefer et al.'s eq. 8-9; a zero row stays the
+    identity's), all vector-matrix products. ``R_ee - I`` is carried as itself, never as
+    ``R_ee`` minus ``I``: the gradient-weighted maps are small (~1e-5 on a random model), and
+    ``1 + d - 1`` would keep only float32's ~1e-7 of ``1`` of them."""
+    d = jnp.zeros(v.shape[:1] + v.shape[2:], v.dtype)  # (R_l - I) 1, from the first layer up
+    for a in cams:
+        d = d + jnp.einsum("bts,bs->bt", a, 1.0 + d)
+    d = d[:, None, :]
+    w = jnp.where(d > 0, v / jnp.where(d > 0, d, 1.0), 0.0)
+    excess = jnp.zeros_like(w)  # w (R_ee - I): from the last layer down, (w + excess) Ā
+    for a in reversed(cams):
+        excess = excess + jnp.einsum("brt,bts->brs", w + excess, a)
+    return v + excess
+
+
+@functools.partial(jax.jit, static_argnames=("config", "logit", "names", "paths", "chunk",
+                                             "remat"))
+def _gradient_rollout(config, params, seq, target_tok, alt, logit, x, zeros, names, paths,
+                      chunk=4, remat=False):
+    """Gradient rollout of every token: ``(maps [n, B, T], targets [B, n])``. Every map's
+    gradient comes from a zero ``perturbations`` entry on it (``zeros`` at ``paths``, in the
+    order of ``names``); each token's backward, its ``(∇A ⊙ A)⁺`` and its row of the rules
+    are mapped over the tokens, ``chunk`` at a time."""
+    enc, dec_self, cross = names
+    n = target_tok.shape[1]
+    start = seq.shape[1] - n
+    flat = enc + dec_self + cross
+
+    def targets(zs):
+        perturb: dict = {}
+        for path, z in zip(paths, zs, strict=True):
+            node = perturb
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = z
+        s, inter = _teacher_forced(config, params, seq, target_tok, alt, logit, x, perturb,
+                                   remat=remat, maps=True)
+        return s, [inter[k] for k in flat]
+
+    scores, backward, maps = jax.vjp(targets, zeros, has_aux=True)
+    e, d = len(enc), len(dec_self)
+
+    def one_token(j):
+        (grads,) = backward(_one_hot_rows(scores, j))
+        cams = [jax.nn.relu(g * a).mean(axis=1) for g, a in zip(grads, maps, strict=True)]
+        c = _decoder_to_encoder(cams[e:e + d], cams[e + d:], normalise=False)
+        row = jax.lax.dynamic_slice_in_dim(c, start - 1 + j, 1, axis=1)  # [B, 1, T]
+        return _times_residual_normalised(row, cams[:e])[:, 0]
+
+    return jax.lax.map(one_token, jnp.arange(n), batch_size=min(chunk, n)), scores
+
+
+def _alignment_rows(m, x, seq, n_text, n: int, enc_frames) -> jnp.ndarray:
+    """``[B, n, S_enc]``: token j's row of the alignment heads' matrix (:mod:`jaxspeech.timing`:
+    their cross-attention over the clip's encoder frames, standardised over the tokens,
+    median-filtered, averaged over the heads), the row of the position that predicts it.
+    ``seq [B, p + n]``: prompt + text (item b's ``n_text[b]`` tokens, then padding)."""
+    from jaxspeech import timing
+
+    cfg = m.config
+    gen = m.extras.get("generation") or {}
+    if not gen.get("alignment_heads"):
+        raise ValueError("alignment_heads reads the checkpoint's alignment heads; this model's "
+                         "extras['generation'] has none ([[layer, head], ...])")
+    heads = tuple(tuple(int(v) for v in h) for h in gen["alignment_heads"])
+    bad = [h for h in heads if not (0 <= h[0] < cfg.decoder_layers
+                                    and 0 <= h[1] < cfg.decoder_attention_heads)]
+    if bad:
+        raise ValueError(f"alignment heads {bad} are outside the decoder's {cfg.decoder_layers} "
+                         f"layers x {cfg.decoder_attention_heads} heads")
+    if "eos_token_id" not in gen:
+        raise ValueError("the model's extras['generation'] has no eos_token_id")
+    eot = int(gen["eos_token_id"])
+    seq = np.asarray(seq)
+    p = seq.shape[1] - n
+    # prompt + text + <|endoftext|>, as word timestamps read it; the rows past an item's
+    # text are never used, and causal attention keeps them from the others
+    tokens = np.concatenate([seq, np.full((len(seq), 1), eot, np.int32)], axis=1)
+    matrix, _ = timing._alignment_matrix(
+        cfg, m.params, x, jnp.asarray(tokens), jnp.asarray(p + np.asarray(n_text) + 1, jnp.int32),
+        jnp.asarray(enc_frames, jnp.int32), heads=heads, eot=eot, medfilt_width=7, qk_scale=1.0)
+    return matrix[:, p - 1:p - 1 + n]

@@ -26,14 +26,19 @@ import numpy as np
 
 
 def add_commands(sub) -> None:
+    from jaxspeech.attribution.transcript import TRANSCRIPT_METHODS
+
     p = sub.add_parser("explain-transcript", help="explain every word Whisper wrote; .npz + .png",
                        description=__doc__)
     p.add_argument("checkpoint", help="a Whisper checkpoint with a decoder (HF / OpenAI .pt / "
                                       "CTranslate2 / jaxspeech folder)")
     p.add_argument("audio", nargs="+", help="audio files")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--method", default="attnlrp", help="attnlrp (default), cp_lrp, epsilon, "
-                   "gamma, zplus, saliency, gradient_x_input, integrated_gradients, smoothgrad")
+    p.add_argument("--method", default="attnlrp", choices=TRANSCRIPT_METHODS,
+                   help="an LRP rule set (default attnlrp), a gradient method, or a map over the "
+                        "encoder's frames (gradcam, rollout, gradient_rollout, alignment_heads)")
+    p.add_argument("--layer", default=None,
+                   help="gradcam's encoder layer (default: the last layer's hidden_state)")
     p.add_argument("--text", default=None,
                    help="explain this text instead of the model's own transcript (one file)")
     p.add_argument("--reference", choices=("silence", "none"), default="silence",
@@ -123,6 +128,8 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     options = {} if args.steps is None else {"steps": args.steps}
+    if args.layer is not None:
+        options["layer"] = args.layer
     reference = None if args.reference == "none" else "silence"
     config = {"checkpoint": args.checkpoint, "method": args.method, "reference": args.reference,
               "target": args.target, "jaxspeech": js.__version__}

@@ -94,7 +94,10 @@ def transcript_figure(path: str | None, tr, b: int, *, features: np.ndarray,
     ax_spec.tick_params(labelsize=7, labelbottom=False, bottom=False)
     ax_spec.set_xlim(0, seconds)
     bar = fig.colorbar(image, cax=fig.add_subplot(grid[1, 1]), extend="both")
-    bar.set_label(f"relevance (target units),\nsummed over mel bins; clipped at the\n"
+    from jaxspeech.attribution.transcript import ENCODER_FRAME_METHODS
+
+    units = f"{tr.method} map" if tr.method in ENCODER_FRAME_METHODS else "relevance (target units)"
+    bar.set_label(f"{units},\nsummed over mel bins; clipped at the\n"
                   f"{percentile:g}th percentile of |R|", fontsize=6)
     bar.ax.tick_params(labelsize=7)
     fig.add_subplot(grid[0, 1]).axis("off")

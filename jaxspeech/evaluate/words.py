@@ -27,9 +27,11 @@ deterministic: the same length centred on the other words' spans, nearest words 
 never overlapping the word's own span; their drops are averaged. Every edited copy of
 every clip is scored in one jitted, chunked forward.
 
-``alignment_heads`` is a baseline "method": the alignment heads' cross-attention of
-:mod:`jaxspeech.timing` (head-averaged, standardised, median-filtered; each token's row,
-20 ms encoder frames spread over their two mel frames and the mel bins).
+Every method runs through :func:`~jaxspeech.attribute_transcript`, the baselines too:
+``alignment_heads`` (the alignment heads' cross-attention of :mod:`jaxspeech.timing`:
+head-averaged, standardised, median-filtered; each token's row), ``rollout`` (attention
+rollout through the encoder and decoder) and ``gradcam`` (the last encoder layer), whose
+maps over the 20 ms encoder frames are spread over their two mel frames and the mel bins.
 
 Methods are ``NAME[:REFERENCE]``: an :func:`~jaxspeech.attribute_transcript` method and its
 ``reference`` (``silence``, the default, or ``none`` for plain ``x · grad``), e.g.
@@ -69,7 +71,7 @@ __all__ = ["word_faithfulness", "WordTable", "WordRow", "read_spans", "ig_comple
 
 ALIGNMENT_HEADS = "alignment_heads"
 WORD_METHODS = ("attnlrp", "attnlrp:none", "cp_lrp", "gamma", "saliency", "gradient_x_input",
-                "integrated_gradients", "smoothgrad", ALIGNMENT_HEADS)
+                "integrated_gradients", "smoothgrad", "gradcam", "rollout", ALIGNMENT_HEADS)
 FRAMES_PER_SECOND = SAMPLE_RATE / HOP_LENGTH  # 100: one log-mel frame per 10 ms
 
 
@@ -273,46 +275,18 @@ def _deletion(m, items: Sequence[_Item], seq: np.ndarray, prompt_length: int, co
 
 def _parse_method(spec: str) -> tuple[str, str | None]:
     name, _, ref = spec.partition(":")
-    if name != ALIGNMENT_HEADS and name not in TRANSCRIPT_METHODS:
-        raise ValueError(f"unknown method {spec!r}; choose from "
-                         f"{', '.join(TRANSCRIPT_METHODS + (ALIGNMENT_HEADS,))} "
+    if name not in TRANSCRIPT_METHODS:
+        raise ValueError(f"unknown method {spec!r}; choose from {', '.join(TRANSCRIPT_METHODS)} "
                          "(NAME:none for reference=None)")
     if ref not in ("", "silence", "none"):
         raise ValueError(f"method {spec!r}: the reference after ':' is 'silence' or 'none'")
     return name, None if ref == "none" else "silence"
 
 
-def _alignment_relevance(m, items: Sequence[_Item], seq: np.ndarray, prompt_length: int,
-                         n: int) -> np.ndarray:
-    """``[B, n, n_mels, frames]``: token j's row of the alignment heads' matrix (the row of
-    the position that predicts it), each 20 ms encoder frame spread evenly over its two
-    10 ms mel frames and the mel bins."""
-    from jaxspeech import timing
-
-    gen = m.extras.get("generation") or {}
-    if not gen.get("alignment_heads"):
-        raise ValueError("the model's extras['generation'] has no alignment_heads")
-    heads = tuple(tuple(int(v) for v in h) for h in gen["alignment_heads"])
-    eot = int(gen["eos_token_id"])
-    lengths = np.array([prompt_length + len(it.tokens) + 1 for it in items], np.int32)
-    tokens = np.concatenate([seq, np.full((len(items), 1), eot, np.int32)], axis=1)
-    frames = np.array([it.num_frames for it in items])
-    matrix, _ = timing._alignment_matrix(
-        m.config, m.params, jnp.asarray(np.stack([it.features for it in items])),
-        jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(frames // 2, jnp.int32),
-        heads=heads, eot=eot, medfilt_width=7, qk_scale=1.0)
-    rows = np.asarray(matrix)[:, prompt_length - 1:prompt_length - 1 + n]  # [B, n, 1500]
-    per_frame = np.repeat(rows, 2, axis=-1)[..., :m.config.n_frames] / m.config.n_mels
-    return np.broadcast_to(per_frame[:, :, None], per_frame.shape[:2] + (m.config.n_mels,
-                                                                        per_frame.shape[-1]))
-
-
-def _explain(m, items, spec, seq, prompt_length, language, chunk, options):
-    """``(relevance [B, n, n_mels, frames], shares {name: [B, n]} or None, extras)``."""
+def _explain(m, items, spec, language, chunk, options):
+    """``(relevance [B, n, n_mels, frames], shares {name: [B, n]}, extras)`` of
+    :func:`attribute_transcript` teacher-forced on the items' texts."""
     name, reference = _parse_method(spec)
-    n = max(len(it.tokens) for it in items)
-    if name == ALIGNMENT_HEADS:
-        return _alignment_relevance(m, items, seq, prompt_length, n), None, {}
     with warnings.catch_warnings():  # the IG gap is reported in the table instead
         warnings.filterwarnings("ignore", message="integrated gradients: completeness gap")
         tr = attribute_transcript(
@@ -545,8 +519,7 @@ def word_faithfulness(
         n_clips = dict(method_clips or {}).get(_parse_method(spec)[0], len(items))
         run = items[:max(1, n_clips)]
         try:
-            relevance, shares, extras = _explain(m, run, spec, seq[:len(run)], p, language, chunk,
-                                                 options)
+            relevance, shares, extras = _explain(m, run, spec, language, chunk, options)
         except (ValueError, KeyError, NotImplementedError) as e:
             errors[spec] = str(e)
             continue
@@ -660,7 +633,8 @@ is silenced vs an equal-length span elsewhere. Writes words.md and words.json to
 --spans FILE: JSON {"clips": [{"file", "text", "words": [{"word", "start", "end"}]}]}
 (seconds; files relative to FILE; the layout of the shipped clips.json). With audio files
 given, only their entries are evaluated (matched by file name). Methods: NAME[:none]
-(reference=None, plain x * grad), NAME an attribute_transcript method or alignment_heads.
+(reference=None, plain x * grad), NAME an attribute_transcript method (the baselines
+alignment_heads, rollout and gradcam among them).
 """
 
 
