@@ -94,9 +94,11 @@ class TranscriptAttribution:
     token's target (its log-probability, or the contrast). ``relevance [B, n, n_mels, frames]``
     over the audio features, ``prefix_relevance [B, n, S]`` over the decoder's input positions
     (``prompt_length`` prompt tokens, then the text; position i holds the relevance of the
-    token embedding at i). ``shares`` maps "clip", "padding", "prefix" to ``[B, n]`` shares
-    of each target's |relevance|. ``words[b]``: ``(word, token indices)`` pairs and, when
-    the transcript came from ``js.transcribe`` with word timestamps, their times.
+    token embedding at i; None for integrated gradients, SmoothGrad and the encoder-frame
+    methods, whose ``shares["prefix"]`` is then 0). ``shares`` maps "clip", "padding",
+    "prefix" to ``[B, n]`` shares of each target's |relevance|. ``words[b]``: ``(word, token
+    indices)`` pairs and, when the transcript came from ``js.transcribe`` with word
+    timestamps, their times.
     """
 
     tokens: list[list[int]]
