@@ -12,7 +12,8 @@ included: 512 for the real checkpoints, ``tokenizer_config.json``'s ``model_max_
 and the position table's limit, whichever is smaller) are cut there, keeping the closing
 ``</s>``, as ``tokenizer(texts, truncation=True)`` does, with a warning. Words are the
 text's whitespace-separated pieces; each token belongs to the word its characters come
-from (byte-level BPE marks a word's start with ``Ġ``, a space that may stand alone).
+from (byte-level BPE marks a word's start with ``Ġ``, a space that may stand alone: it
+goes with the word after it, trailing spaces with the last word).
 """
 
 from __future__ import annotations
@@ -167,10 +168,10 @@ class RobertaTokenizer:
             ends = np.array([e for _, e in spans])
             starts = np.array([s for s, _ in enc.offsets])
             # the word whose characters the token starts in; a lone space token (offsets
-            # empty, at the whitespace before a word) belongs to the word after it
-            index = np.searchsorted(ends, starts, side="right")
-            special = np.asarray(enc.special_tokens_mask, bool)
-            index = np.where(special | (index >= len(spans)), -1, index)
+            # empty, at the whitespace before a word) belongs to the word after it, spaces
+            # after the last word to the last word
+            index = np.minimum(np.searchsorted(ends, starts, side="right"), len(spans) - 1)
+            index = np.where(np.asarray(enc.special_tokens_mask, bool), -1, index)
             word_index[n, :k] = index
             used = int(index.max()) + 1 if (index >= 0).any() else 0
             words.append(tuple(text[s:e] for s, e in spans[:used]))
