@@ -191,7 +191,7 @@ def lxt_clap_match_relevance(folder, features: np.ndarray, input_ids: np.ndarray
         b, n = features.shape[0], ids.shape[0]
         audio_rel, text_rel, scores = [], [], []
         for j in range(n):
-            x = torch.from_numpy(np.asarray(features, np.float32)).requires_grad_(True)
+            x = torch.from_numpy(np.array(features, np.float32)).requires_grad_(True)
             audio = clap.audio_projection(clap.audio_model(input_features=x, is_longer=longer)
                                           .pooler_output)
             audio = audio / audio.norm(dim=-1, keepdim=True).detach()
