@@ -9,6 +9,7 @@
 from jaxspeech import audio, lrp
 from jaxspeech.assets import load_default as default_model
 from jaxspeech.attribution import METHODS, Attribution, attribute, targets
+from jaxspeech.attribution.match import MatchAttribution, attribute_match
 from jaxspeech.attribution.transcript import TranscriptAttribution, attribute_transcript
 from jaxspeech.clap_text import clap_text_embeddings, zero_shot
 
@@ -25,5 +26,5 @@ from jaxspeech.verify import verify  # the function shadows the module name
 __all__ = ["load", "init", "presets", "Model", "CheckpointError", "audio", "lrp", "verify",
            "clap_text_embeddings", "zero_shot", "attribute", "Attribution", "METHODS", "targets",
            "default_model", "attribute_transcript", "TranscriptAttribution", "transcribe",
-           "Transcript"]
+           "Transcript", "attribute_match", "MatchAttribution"]
 __version__ = "0.1.0"

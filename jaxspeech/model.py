@@ -177,15 +177,20 @@ class Model:
     ``m.apply(params, features, **kw)`` and ``m.forward(...)`` are jitted with the
     config (and rule set) static; pass any params tree of the same structure
     (a fine-tuned copy, a randomised one) — the model object holds no state.
+    ``m.text``: a CLAP ``ClapModel``'s text tower (:class:`jaxspeech.clap_text.TextTower`),
+    ``None`` for every other model.
     """
 
     def __init__(self, config, params: dict, *, source: str | None = None,
-                 extras: Mapping[str, Any] | None = None):
+                 extras: Mapping[str, Any] | None = None, text: Any = None):
         self.config = config
         self.params = params
         self.family = family_of(config)
         self.source = source
         self.extras = dict(extras or {})
+        # CLAP: the checkpoint's text tower (jaxspeech.clap_text.TextTower), kept beside the
+        # audio params so that every audio entry point sees the same params tree as before
+        self.text = text
 
     # --- properties
     @property

@@ -377,10 +377,11 @@ CLAP = [
         # CLAP: zero-shot audio–text and which sounds make the match
 
         CLAP embeds audio and text in one space; the cosine similarity between a clip and a
-        text ranks labels for zero-shot classification. jaxspeech ports the **audio tower**
-        (HTSAT + projection) to JAX; the text embeddings come from the checkpoint's own RoBERTa
-        tower run by `transformers` (`js.clap_text_embeddings`), and are a fixed target for the
-        audio-side explanation (`js.targets.text_similarity`).
+        text ranks labels for zero-shot classification. jaxspeech ports both towers to JAX: the
+        **audio tower** (HTSAT + projection) and the checkpoint's RoBERTa **text tower**
+        (`m.text`, `js.clap_text_embeddings`). Here the text embeddings are a fixed target for
+        the audio-side explanation (`js.targets.text_similarity`); `js.attribute_match` explains
+        both sides at once (README, "CLAP").
 
         The checkpoint is a small **random-weight** HF `ClapModel` folder (one Swin block per
         stage, narrow widths, a tiny text tower and an offline tokenizer), written by
@@ -417,7 +418,7 @@ CLAP = [
     '''),
     code('''
         labels = ["a dog barking", "rain on a roof", "a person speaking", "a siren wailing"]
-        text = js.clap_text_embeddings(ckpt, labels)      # [4, 512], PyTorch text tower
+        text = js.clap_text_embeddings(m, labels)         # [4, 512], the JAX text tower
         print("text embeddings", text.shape)
 
         sr = m.sample_rate                                 # 48 kHz

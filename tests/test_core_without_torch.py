@@ -73,6 +73,18 @@ STEPS = [
                                             masks=masks[:2], steps=2, mprt=False)
         assert "gradient_x_input" in table.markdown()
     """),
+    # CLAP's text side: the RoBERTa tower and its tokenizer.json run in JAX and tokenizers
+    ("CLAP text embeddings, zero-shot and a text target (ClapModel folder)", """
+        clap = js.load("clap")
+        text = js.clap_text_embeddings(clap, ["a dog barking", "rain on a roof"])
+        assert text.shape == (2, 512) and np.isfinite(text).all()
+        wave48 = (0.1 * rng.standard_normal((1, 48000))).astype(np.float32)
+        probs = np.asarray(js.zero_shot(clap, wave48, ["a dog barking", "rain on a roof"]))
+        assert probs.shape == (1, 2) and abs(probs.sum() - 1) < 1e-5
+        target = js.targets.text_similarity(["a dog barking"], model=clap)
+        from jaxspeech.corpus.targets import parse
+        assert parse("text:rain on a roof", clap).fixed.name == "text_similarity"
+    """),
     ("jaxspeech demo --help", """
         try:
             main(["demo", "--help"])
@@ -104,13 +116,22 @@ def _child_script() -> str:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Folders written by transformers and SpeechBrain themselves (reference_checkpoints)."""
-    from jaxspeech.data.reference_checkpoints import ECAPA_SMALL, write_ecapa, write_whisper
+    from jaxspeech.data.reference_checkpoints import (
+        ECAPA_SMALL,
+        write_clap,
+        write_ecapa,
+        write_whisper,
+    )
 
     folder = tmp_path_factory.mktemp("core")
     small = dict(size=(64, 1, 2), max_source_positions=100)  # d_model, layers, heads; 2 s window
     write_whisper(folder / "hf_safetensors", **small, safe_serialization=True)
     write_whisper(folder / "hf_bin", **small, safe_serialization=False)
     write_ecapa(folder / "speechbrain", ECAPA_SMALL)
+    # a small ClapModel with its text tower and tokenizer.json (test_clap_text's geometry)
+    write_clap(folder / "clap", dict(patch_embeds_hidden_size=16, depths=[2, 1, 1],
+                                     num_attention_heads=[2, 2, 4], hidden_size=64, patch_size=8,
+                                     patch_stride=[8, 8], window_size=8), text_tower=True)
     return folder
 
 

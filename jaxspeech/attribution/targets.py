@@ -15,6 +15,7 @@ scale-invariant: its plain ``x · grad`` is 0).
     js.targets.linear_probe(w, b, 3, layer="layers.2.hidden_state")
     js.targets.cosine_similarity(reference_embedding)        # speaker verification
     js.targets.text_similarity(text_embeddings, index=0)     # CLAP audio-text
+    js.targets.text_similarity(["a dog"], model=m)           # label strings: m's text tower
     js.targets.layer_norm("layers.3.hidden_state", frames=np.arange(100, 200))
     js.targets.layer_direction("layers.3.hidden_state", direction, frames=mask)
     js.targets.custom(lambda y: y[:, 0, 5])                  # any function of the output
@@ -168,9 +169,21 @@ def _text(source, args, params, rules):
     return _pick(_unit(source, rules) @ _unit(args["text"], None).T, args["index"])
 
 
-def text_similarity(text_embeddings, index=0) -> Target:
+def text_similarity(text_embeddings, index=0, *, model=None) -> Target:
     """CLAP audio–text cosine similarity to text ``index`` (scalar or ``[B]``) of
-    ``text_embeddings [N, D]`` (from :func:`jaxspeech.clap_text_embeddings` or your own)."""
+    ``text_embeddings``: ``[N, D]`` embeddings (from :func:`jaxspeech.clap_text_embeddings`
+    or your own), or N strings (labels, captions) embedded here by ``model``'s text tower
+    (a CLAP model loaded from a ClapModel checkpoint, its ``m.text``, or a checkpoint
+    folder), in JAX. The text side is the fixed target; to explain both sides use
+    :func:`jaxspeech.attribute_match`."""
+    texts = [text_embeddings] if isinstance(text_embeddings, str) else text_embeddings
+    if isinstance(texts, (list, tuple)) and texts and all(isinstance(t, str) for t in texts):
+        if model is None:
+            raise ValueError("text strings need model= (a CLAP model with its text tower, or a "
+                             "ClapModel checkpoint folder) to embed them")
+        from jaxspeech.clap_text import clap_text_embeddings
+
+        text_embeddings = clap_text_embeddings(model, texts)
     return Target(_text, "text_similarity", None,
                   {"text": np.atleast_2d(np.asarray(text_embeddings, np.float32)),
                    "index": np.asarray(index)})

@@ -4,10 +4,14 @@ An HF folder (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin`` or
 sharded index; ``preprocessor_config.json`` when the ``ClapFeatureExtractor`` was
 saved with it) of either
 
-- ``ClapModel`` (``model_type: "clap"``): the audio tower and its projection are taken;
-  the embedding is L2-normalised as ``get_audio_features`` does. The text tower
-  (``text_model.*``, ``text_projection.*``) is left alone: :mod:`jaxspeech.clap_text`
-  runs it in PyTorch. ``logit_scale_a`` is kept in ``Model.extras`` for zero-shot use.
+- ``ClapModel`` (``model_type: "clap"``): the audio tower and its projection are
+  ``Model.params``; the embedding is L2-normalised as ``get_audio_features`` does. The
+  RoBERTa text tower (``text_model.*``, ``text_projection.*``) becomes ``Model.text``
+  (:class:`jaxspeech.clap_text.TextTower`) with the folder's ``tokenizer.json`` (a folder
+  without one loads, and says what is missing when text is asked for). ``logit_scale_a``
+  and ``logit_scale_t`` are kept in ``Model.extras`` for zero-shot use. The buffers
+  ``text_model.embeddings.position_ids`` / ``token_type_ids`` (saved by transformers 4,
+  not by 5) follow from the config and are not loaded.
 - ``ClapAudioModelWithProjection`` (``model_type: "clap_audio_model"``): the same
   tensors; ``audio_embeds`` are not normalised.
 
@@ -40,6 +44,8 @@ from jaxspeech.models.clap import ClapConfig, relative_position_index
 # position indices are buffers that follow from window_size; they are checked, not loaded.
 _NOT_AUDIO = [r"^text_model\.", r"^text_projection\.", r"^logit_scale_[at]$",
               r"\.relative_position_index$"]
+_TEXT_PREFIXES = ("text_model.", "text_projection.")
+_TEXT_BUFFERS = [r"^text_model\.embeddings\.(position_ids|token_type_ids)$"]
 _MODEL_TYPES = ("clap", "clap_audio_model")
 
 
@@ -97,9 +103,42 @@ def load(path: str) -> Model:
     # On the device once, not on every call (jit would copy NumPy leaves each time).
     params = jax.tree.map(jnp.asarray, params)
     extras = {"format": "hf", "architecture": (hf.get("architectures") or [hf["model_type"]])[0]}
-    if "logit_scale_a" in state:
-        extras["logit_scale_a"] = float(np.asarray(state["logit_scale_a"]))
-    return Model(config, params, source=str(path), extras=extras)
+    for key in ("logit_scale_a", "logit_scale_t"):
+        if key in state:
+            extras[key] = float(np.asarray(state[key]))
+    text = load_text(path, hf, state, weights) if hf["model_type"] == "clap" else None
+    return Model(config, params, source=str(path), extras=extras, text=text)
+
+
+def load_text(path: str, hf: dict, state: dict, weights: str):
+    """The text tower of a ``ClapModel`` folder (its ``config.json`` as ``hf``, its weights
+    as ``state``), with the folder's tokenizer when it has one."""
+    from jaxspeech.clap_text import TextTower
+    from jaxspeech.models import clap_text
+    from jaxspeech.roberta_tokenizer import RobertaTokenizer, TokenizerError
+
+    try:
+        config = clap_text.ClapTextConfig.from_hf_config(hf)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    text_state = {k: v for k, v in state.items() if k.startswith(_TEXT_PREFIXES)}
+    if not text_state:
+        raise CheckpointError(f"{weights}: a ClapModel without text_model.* tensors; save the "
+                              "whole ClapModel (or a ClapAudioModelWithProjection for audio only)")
+    for key in ("text_model.embeddings.position_ids", "text_model.embeddings.token_type_ids"):
+        if key in text_state and text_state[key].shape[-1] != config.max_position_embeddings:
+            raise CheckpointError(f"{weights}: {key} has {text_state[key].shape[-1]} positions, "
+                                  f"the config {config.max_position_embeddings}")
+    params = map_params(clap_text.param_shapes(config), text_state, ignore=_TEXT_BUFFERS,
+                        source=weights)
+    params = jax.tree.map(jnp.asarray, params)
+    try:
+        tokenizer, problem = RobertaTokenizer.from_folder(path, config.max_length), None
+    except TokenizerError as e:
+        tokenizer, problem = None, str(e)
+    scale = state.get("logit_scale_t")
+    return TextTower(config, params, tokenizer, tokenizer_problem=problem,
+                     logit_scale_t=None if scale is None else float(np.asarray(scale)))
 
 
 # --- the PyTorch reference, for `jaxspeech compare` and the parity tests ----------------

@@ -1,10 +1,15 @@
 """jaxspeech's own checkpoint folder: ``jaxspeech.json`` (family + config) and
 ``params/`` (orbax-checkpoint). Written to a temporary sibling folder and renamed
 into place, so an interrupted save never leaves a half-written checkpoint and an
-existing one is never overwritten unless asked."""
+existing one is never overwritten unless asked.
+
+A CLAP model with its text tower (``Model.text``) also holds ``text_params/`` (orbax),
+the text config and ``logit_scale_t`` under ``"text"`` in ``jaxspeech.json``, and the
+RoBERTa tokenizer as ``tokenizer.json`` (Whisper keeps its tokenizer there too)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,6 +26,7 @@ META = "jaxspeech.json"
 FORMAT_VERSION = 1
 # A tokenizer (Whisper's tokenizer.json) travels as a file of its own next to the params.
 TOKENIZER_KEY, TOKENIZER_FILE = "tokenizer_json", "tokenizer.json"
+TEXT_PARAMS = "text_params"
 
 
 def _json_able(value) -> bool:
@@ -60,6 +66,17 @@ def save(model: Model, path: str | os.PathLike, *, overwrite: bool = False) -> s
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
         if model.extras.get(TOKENIZER_KEY):
             (tmp / TOKENIZER_FILE).write_text(model.extras[TOKENIZER_KEY])
+        text = getattr(model, "text", None)
+        if text is not None:
+            with ocp.StandardCheckpointer() as ckpt:
+                ckpt.save(tmp / TEXT_PARAMS, jax.tree.map(np.asarray, text.params))
+            meta["text"] = {"config": dataclasses.asdict(text.config),
+                            "logit_scale_t": text.logit_scale_t,
+                            "max_length": None if text.tokenizer is None
+                            else text.tokenizer.max_length}
+            (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            if text.tokenizer is not None:
+                (tmp / TOKENIZER_FILE).write_text(text.tokenizer.tokenizer_json)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -70,17 +87,29 @@ def save(model: Model, path: str | os.PathLike, *, overwrite: bool = False) -> s
 
 
 def load(path: str | os.PathLike) -> Model:
-    import orbax.checkpoint as ocp
-
     path = Path(path).absolute()
     meta = json.loads((path / META).read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: jaxspeech checkpoint format {meta.get('format_version')}, "
                               f"this jaxspeech reads {FORMAT_VERSION}")
     config = config_from_dict(meta["config"])
-    expected = param_shapes(config)
+    params = _restore(path, "params", param_shapes(config))
+    extras = dict(meta.get("extras", {}))
+    text = _load_text(path, meta["text"]) if meta.get("text") else None
+    if text is None and (path / TOKENIZER_FILE).is_file():
+        extras[TOKENIZER_KEY] = (path / TOKENIZER_FILE).read_text()
+    extras["converted_from"] = extras.pop("format", None)
+    extras["format"] = "jaxspeech"
+    return Model(config, params, source=meta.get("source") or str(path), extras=extras, text=text)
+
+
+def _restore(path: Path, name: str, expected):
+    """The orbax item ``path / name`` as the tree ``expected`` (shapes) says, after checking
+    that the stored tree has exactly its leaves and shapes."""
+    import orbax.checkpoint as ocp
+
     with ocp.StandardCheckpointer() as ckpt:
-        stored = ckpt.metadata(path / "params")
+        stored = ckpt.metadata(path / name)
         stored_tree = getattr(stored, "item_metadata", stored)
         stored_tree = getattr(stored_tree, "tree", stored_tree)
         want = {".".join(k): tuple(v.shape) for k, v in flatten(expected).items()}
@@ -90,11 +119,24 @@ def load(path: str | os.PathLike) -> Model:
         problems += [f"mis-shaped {k}: stored {have[k]}, config expects {want[k]}"
                      for k in sorted(set(want) & set(have)) if want[k] != have[k]]
         if problems:
-            raise CheckpointError(f"{path} does not match its config:\n  " + "\n  ".join(problems))
-        params = ckpt.restore(path / "params", expected)
-    extras = dict(meta.get("extras", {}))
+            raise CheckpointError(f"{path / name} does not match its config:\n  "
+                                  + "\n  ".join(problems))
+        return ckpt.restore(path / name, expected)
+
+
+def _load_text(path: Path, meta: dict):
+    """A CLAP text tower saved by :func:`save`: ``text_params/``, its config, the tokenizer."""
+    from jaxspeech.clap_text import TextTower
+    from jaxspeech.models.clap_text import ClapTextConfig, param_shapes
+    from jaxspeech.roberta_tokenizer import RobertaTokenizer
+
+    try:
+        config = ClapTextConfig(**meta["config"])
+    except TypeError as e:
+        raise CheckpointError(f"{path}: text config {meta['config']} ({e})") from None
+    params = _restore(path, TEXT_PARAMS, param_shapes(config))
+    tokenizer, problem = None, f"{path} was saved without a tokenizer (its source had none)"
     if (path / TOKENIZER_FILE).is_file():
-        extras[TOKENIZER_KEY] = (path / TOKENIZER_FILE).read_text()
-    extras["converted_from"] = extras.pop("format", None)
-    extras["format"] = "jaxspeech"
-    return Model(config, params, source=meta.get("source") or str(path), extras=extras)
+        tokenizer = RobertaTokenizer((path / TOKENIZER_FILE).read_text(), meta.get("max_length"))
+    return TextTower(config, params, tokenizer, logit_scale_t=meta.get("logit_scale_t"),
+                     tokenizer_problem=None if tokenizer else problem)

@@ -17,7 +17,7 @@ all batches share one compiled attribution. A per-item ``text`` target is the co
 the audio embedding and the item's text embedding, which is CLAP's audio-text similarity.
 Embeddings are pooled to one vector per clip (Whisper: the mean over its encoder frames, as the cosine target
 pools the explained output); text embeddings come from ``--text-embeddings`` (an ``.npz``
-with ``texts [N]`` and ``embeddings [N, D]``) or the CLAP checkpoint's text tower.
+with ``texts [N]`` and ``embeddings [N, D]``) or the CLAP checkpoint's text tower, run in JAX.
 """
 
 from __future__ import annotations
@@ -85,12 +85,13 @@ def embed(model, waves: Sequence[np.ndarray], layout: batching.Layout, params=No
 
 
 class TextTable:
-    """Text embeddings: from an ``.npz`` (``texts``, ``embeddings``) or a CLAP checkpoint
-    folder's text tower (computed on first use, then cached)."""
+    """Text embeddings: from an ``.npz`` (``texts``, ``embeddings``) or a CLAP text tower
+    (``tower``: a :class:`~jaxspeech.clap_text.TextTower`, a CLAP model holding one, or a
+    checkpoint folder; run in JAX on first use, then cached)."""
 
-    def __init__(self, path: str | os.PathLike | None = None, checkpoint: str | None = None):
+    def __init__(self, path: str | os.PathLike | None = None, tower=None):
         self._table: dict[str, np.ndarray] = {}
-        self.checkpoint = checkpoint
+        self.tower = tower
         if path is not None:
             with np.load(path) as z:
                 texts, emb = [str(t) for t in z["texts"]], np.asarray(z["embeddings"], np.float32)
@@ -101,17 +102,17 @@ class TextTable:
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         missing = sorted({t for t in texts if t not in self._table})
         if missing:
-            if self.checkpoint is None:
+            if self.tower is None:
                 raise KeyError(f"no text embedding for {missing[:3]} (give --text-embeddings "
                                "with these texts, or a CLAP checkpoint with its text tower)")
             from jaxspeech.clap_text import clap_text_embeddings
 
-            self._table.update(zip(missing, clap_text_embeddings(self.checkpoint, missing),
+            self._table.update(zip(missing, clap_text_embeddings(self.tower, missing),
                                    strict=True))
         return np.stack([self._table[t] for t in texts])
 
     def has(self, text: str) -> bool:
-        return text in self._table or self.checkpoint is not None
+        return text in self._table or self.tower is not None
 
 
 @dataclasses.dataclass
@@ -185,14 +186,16 @@ def parse(spec: str | T.Target | None, model, *, checkpoint: str | None = None,
         return TargetSpec(spec.name, fixed=spec)
     spec = spec or "default"
     kind, _, arg = spec.partition(":")
-    text_checkpoint = checkpoint if model.kind == "clap" and checkpoint and os.path.isdir(
-        checkpoint) else None
+    # the model's own text tower (a ClapModel checkpoint), else the checkpoint folder's
+    text_tower = getattr(model, "text", None)
+    if text_tower is None and model.kind == "clap" and checkpoint and os.path.isdir(checkpoint):
+        text_tower = checkpoint
     if kind in PER_ITEM and not arg:
         out = TargetSpec(spec, per_item=kind)
         if kind == "label":
             out.logits = logits_layer(model)
         if kind == "text":
-            out.texts = TextTable(text_embeddings, text_checkpoint)
+            out.texts = TextTable(text_embeddings, text_tower)
         return out
     fixed: Any
     if kind == "default":
@@ -211,7 +214,7 @@ def parse(spec: str | T.Target | None, model, *, checkpoint: str | None = None,
         layout = layout or batching.layout_for(model)
         fixed = T.cosine_similarity(embed(model, [read_audio(arg, model.sample_rate)], layout)[0])
     elif kind == "text":
-        fixed = T.text_similarity(TextTable(text_embeddings, text_checkpoint)([arg]), 0)
+        fixed = T.text_similarity(TextTable(text_embeddings, text_tower)([arg]), 0)
     else:
         raise ValueError(f"unknown target {spec!r}; one of default, output-norm, predicted, "
                          "class:N, layer-norm:LAYER, cosine:AUDIO, text:LABEL, label, reference, "

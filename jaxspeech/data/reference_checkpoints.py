@@ -16,8 +16,6 @@ torch, transformers and speechbrain are imported inside the writers (the
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ import numpy as np
 
 __all__ = ["WHISPER_SIZES", "write_whisper", "ECAPA_FULL", "ECAPA_SMALL", "ECAPA_YAML", "ecapa_yaml",
            "ecapa_modules", "write_ecapa", "CLAP_SIZES", "randomize_clap", "save_roberta_tokenizer",
-           "write_clap"]
+           "roberta_tokenizer_json", "SMALL_TEXT", "write_clap"]
 
 # --- Whisper -----------------------------------------------------------------------------
 
@@ -220,36 +218,67 @@ def randomize_clap(model, seed: int) -> None:
                 t.copy_(r / np.sqrt(t[0].numel()))
 
 
-def save_roberta_tokenizer(folder: str | Path) -> int:
-    """A byte-level BPE RoBERTa tokenizer built offline (all 256 byte symbols, a few
-    merges), saved into ``folder``; returns its vocabulary size."""
-    from transformers import RobertaTokenizer
+ROBERTA_MERGES = ("Ġ d", "o g", "Ġd og", "Ġ r", "a i", "Ġr ai", "i n", "in g", "a r", "Ġ b",
+                  "Ġb ar", "Ġ t", "h e", "Ġt he", "Ġ a", "o n", "Ġ o", "o o", "Ġr oo")
+
+
+def roberta_tokenizer_json(merges=ROBERTA_MERGES) -> tuple[str, int]:
+    """``(tokenizer.json text, vocabulary size)`` of a byte-level BPE RoBERTa tokenizer built
+    with the ``tokenizers`` library: RoBERTa's special tokens, all 256 byte symbols and
+    ``merges`` (so most words are several tokens), RoBERTa's byte-level pre-tokenizer and
+    decoder and its ``<s> ... </s>`` post-processor, as transformers' converter builds
+    ``RobertaTokenizerFast`` from a slow tokenizer."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers.models.roberta.tokenization_roberta import bytes_to_unicode
 
-    folder = Path(folder)
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
     for c in sorted(set(bytes_to_unicode().values())):
         vocab[c] = len(vocab)
-    merges = ["Ġ d", "o g", "Ġd og", "Ġ r", "a i", "Ġr ai"]
     for m in merges:
         vocab.setdefault(m.replace(" ", ""), len(vocab))
     vocab["<mask>"] = len(vocab)
-    tmp = folder / "_tok"
-    tmp.mkdir(parents=True)
-    (tmp / "vocab.json").write_text(json.dumps(vocab))
-    (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    RobertaTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt")).save_pretrained(folder)
-    shutil.rmtree(tmp)
-    return len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split()) for m in merges],
+                               continuing_subword_prefix="", end_of_word_suffix="",
+                               fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.RobertaProcessing(sep=("</s>", 2), cls=("<s>", 0),
+                                                      add_prefix_space=False, trim_offsets=True)
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<s>", "<pad>", "</s>", "<unk>")]
+                           + [AddedToken("<mask>", lstrip=True, special=True)])
+    return tok.to_str(), len(vocab)
+
+
+def save_roberta_tokenizer(folder: str | Path, model_max_length: int = 512) -> int:
+    """The tokenizer of :func:`roberta_tokenizer_json` saved into ``folder`` by transformers'
+    ``RobertaTokenizerFast`` (``tokenizer.json``, ``tokenizer_config.json`` with
+    ``model_max_length``, ``vocab.json``, ``merges.txt``), as a CLAP checkpoint holds it;
+    returns its vocabulary size."""
+    from tokenizers import Tokenizer
+    from transformers import RobertaTokenizerFast
+
+    text, size = roberta_tokenizer_json()
+    RobertaTokenizerFast(tokenizer_object=Tokenizer.from_str(text),
+                         model_max_length=model_max_length).save_pretrained(folder)
+    return size
+
+
+# A text tower small enough for the tests: 2 layers of 2 heads, 32 wide, 64 positions.
+SMALL_TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                  max_position_embeddings=64)
 
 
 def write_clap(folder: str | Path, audio: dict[str, Any] | str = "clap-htsat-unfused", *,
-               text_tower: bool = False, fusion: bool = False, seed: int = 0):
+               text_tower: bool = False, fusion: bool = False, seed: int = 0,
+               text: dict[str, Any] | None = None, tokenizer: bool = True):
     """An HF CLAP folder with random weights and a ``ClapFeatureExtractor``; returns the torch
     model. ``audio``: a preset name of :data:`CLAP_SIZES` or ``ClapAudioConfig`` overrides.
-    ``text_tower``: a ``ClapModel`` with a tiny text tower and an offline tokenizer (for
-    zero-shot); else a ``ClapAudioModelWithProjection``. ``fusion``: the fused model with
-    the ``fusion`` truncation (else ``rand_trunc`` with ``repeatpad``, as clap-htsat-unfused)."""
+    ``text_tower``: a ``ClapModel`` with a text tower (``text``: ``ClapTextConfig``
+    overrides, default :data:`SMALL_TEXT`; ``{}`` is the real RoBERTa-base size) and, with
+    ``tokenizer``, the offline tokenizer of :func:`save_roberta_tokenizer` (its
+    ``model_max_length`` the position table's); else a ``ClapAudioModelWithProjection``.
+    ``fusion``: the fused model with the ``fusion`` truncation (else ``rand_trunc`` with
+    ``repeatpad``, as clap-htsat-unfused)."""
     import torch
     from transformers import (
         ClapAudioConfig,
@@ -266,9 +295,13 @@ def write_clap(folder: str | Path, audio: dict[str, Any] | str = "clap-htsat-unf
         overrides["enable_fusion"] = True
     torch.manual_seed(seed)
     if text_tower:
-        vocab = save_roberta_tokenizer(folder)
-        text = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                    intermediate_size=48, max_position_embeddings=64)
+        text = dict(SMALL_TEXT if text is None else text)
+        positions = text.get("max_position_embeddings", 514)
+        _, vocab = roberta_tokenizer_json()
+        if tokenizer:  # RoBERTa's model_max_length: the positions after padding_idx 1
+            save_roberta_tokenizer(folder, model_max_length=positions - 2)
+        if "hidden_size" in text:  # a small tower: a table of the tokenizer's size
+            text.setdefault("vocab_size", vocab)
         model = ClapModel(ClapConfig(text_config=text, audio_config=overrides))
     else:
         model = ClapAudioModelWithProjection(ClapAudioConfig(**overrides))
