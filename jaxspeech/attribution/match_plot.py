@@ -45,7 +45,7 @@ def match_figure(path: str | None, res, b: int, n: int | None = None, *, title: 
     sides = {k: float(res._pair(v, b, n)) for k, v in res.conservation().items()}
 
     fig = Figure(figsize=(12, 5.6))
-    grid = fig.add_gridspec(2, 4, width_ratios=[1, 0.018, 0.05, 0.3], height_ratios=[1, 1.3],
+    grid = fig.add_gridspec(2, 4, width_ratios=[1, 0.018, 0.11, 0.3], height_ratios=[1, 1.3],
                             hspace=0.15, wspace=0.03)
     ax_feat = fig.add_subplot(grid[0, 0])
     ax_rel = fig.add_subplot(grid[1, 0], sharex=ax_feat)
