@@ -180,7 +180,9 @@ def attention(module: nn.Module, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
     (``[B, heads, T, T]``, with any ``perturbations`` entry added before they weight ``v``)
     only when the caller makes :data:`KEEP_ATTENTION_MAPS` mutable (``Model.forward``,
     rollout) or perturbs them; that path differentiates the tiled forward as written. The
-    values are the same either way, row by row.
+    values are the same either way, row by row. Where
+    :func:`jaxspeech.lrp.attention_implementation` picks a fused kernel ("xla", "cudnn"),
+    the untapped path runs :func:`jaxspeech.lrp.fused_attention` instead.
     """
     b, t, h, d = q.shape
     qb = _divisor_at_most(t, block)
@@ -192,6 +194,9 @@ def attention(module: nn.Module, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
         return x.transpose(0, 2, 1, 3).reshape(b * h, t, x.shape[-1])
 
     if not keep:
+        implementation = lrp.attention_implementation(q.dtype, d)
+        if implementation != "tiled":
+            return lrp.fused_attention(q, k, v, rules, implementation=implementation)
         context = lrp.attention_core(heads_first(q), heads_first(k), heads_first(v), rules, qb)
         return context.reshape(b, h, t, d).transpose(0, 2, 1, 3)
     q_blocks = heads_first(q).reshape(b * h, t // qb, qb, d)
@@ -225,11 +230,18 @@ def masked_attention(module: nn.Module, q: jnp.ndarray, k: jnp.ndarray, v: jnp.n
     For the decoder's causal self-attention and its cross-attention (Lq <= 448 tokens, so
     ``[B, heads, Lq, Lk]`` is small). The probabilities are tapped as ``name`` when
     :data:`KEEP_ATTENTION_MAPS` is mutable, and a ``perturbations`` entry of that name is
-    added to them (Grad-CAM, gradient rollout), as :func:`attention` does.
+    added to them (Grad-CAM, gradient rollout), as :func:`attention` does. Untapped, it runs
+    :func:`jaxspeech.lrp.fused_attention` where :func:`jaxspeech.lrp.attention_implementation`
+    picks a fused kernel.
     """
+    perturbed = module.has_variable("perturbations", name)
+    if not perturbed and not module.is_mutable_collection(KEEP_ATTENTION_MAPS):
+        implementation = lrp.attention_implementation(q.dtype, q.shape[-1])
+        if implementation != "tiled":
+            return lrp.fused_attention(q, k, v, rules, mask=where, implementation=implementation)
     probs = lrp.attention_weights(lrp.bilinear("bqhd,bkhd->bhqk", q, k, rules), rules,
                                   where=where)
-    if module.has_variable("perturbations", name):
+    if perturbed:
         probs = probs + module.get_variable("perturbations", name)
     if module.is_mutable_collection(KEEP_ATTENTION_MAPS):
         module.sow("intermediates", name, probs)

@@ -22,12 +22,14 @@ The flowing cotangent ``g`` at a tensor ``z`` is relevance divided by ``z``
 | :func:`gate` | ``constant`` | the gate is a constant scale |
 | :func:`softmax` | — | its ordinary gradient is the AttnLRP softmax rule |
 | :func:`attention_core` | both above | softmax(q kᵀ) v fused: q, k get ¼ (uniform) or 0 (cp), v ½ |
+| :func:`fused_attention` | both above | the same shares on ``jax.nn.dot_product_attention``'s VJP |
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 from collections.abc import Callable
 
@@ -36,7 +38,8 @@ import jax.numpy as jnp
 
 __all__ = [
     "RuleSet", "RULE_SETS", "get_rules", "linear", "activation", "norm_std", "bilinear",
-    "softmax", "attention_weights", "attention_core", "gate", "divide_gradient", "identity_rule",
+    "softmax", "attention_weights", "attention_core", "fused_attention",
+    "attention_implementation", "ATTENTION_IMPLEMENTATIONS", "gate", "divide_gradient", "identity_rule",
 ]
 
 _CHOICES = {
@@ -245,9 +248,16 @@ def attention_core(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, rules: RuleSe
     """
     if q.shape[1] % block:
         raise ValueError(f"block {block} does not divide the {q.shape[1]} queries")
+    return _attention_core(block, _attention_shares(rules), q, k, v)
+
+
+def _attention_shares(rules: RuleSet | None) -> tuple[float, float]:
+    """``(q and k share, v share)`` of the plain attention gradient under ``rules``: the
+    uniform product rule halves each operand's share in both products (q, k: 1/4, v: 1/2);
+    CP-LRP's constant probabilities send nothing to q and k."""
     share = 0.5 if _field(rules, "bilinear") == "uniform" else 1.0
     qk_share = 0.0 if _field(rules, "attention") == "cp" else share * share
-    return _attention_core(block, (qk_share, share), q, k, v)
+    return qk_share, share
 
 
 def _tile_probs(qi, kh):
@@ -313,6 +323,101 @@ def _attention_core_bwd(block, shares, res, g):
 
 
 _attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
+
+
+ATTENTION_IMPLEMENTATIONS = ("tiled", "xla", "cudnn")
+ATTENTION_ENV = "JAXSPEECH_ATTENTION"
+
+
+def attention_implementation(dtype=jnp.float32, head_dim: int = 64) -> str:
+    """Which attention kernel the models run: ``"tiled"`` (:func:`attention_core`),
+    ``"xla"`` or ``"cudnn"`` (:func:`fused_attention`).
+
+    The environment variable ``JAXSPEECH_ATTENTION`` overrides the choice (benchmarks,
+    tests). Otherwise by platform: on CPU the tiled kernel (single thread, whisper-tiny's
+    shape B 4, H 6, T 1500, D 64, forward + AttnLRP backward, measured in
+    ``benchmarks/attention.py``: XLA's fused attention is slower there); on GPU cuDNN's
+    flash attention where it applies (float16 / bfloat16, head dim <= 256), XLA's
+    otherwise; XLA's elsewhere (TPU).
+    """
+    chosen = os.environ.get(ATTENTION_ENV, "").strip().lower()
+    if chosen:
+        if chosen not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"{ATTENTION_ENV}={chosen!r}: expected one of "
+                             f"{ATTENTION_IMPLEMENTATIONS} (or unset, to choose by platform)")
+        return chosen
+    platform = jax.default_backend()
+    if platform == "cpu":
+        return "tiled"
+    if platform == "gpu" and jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16) and head_dim <= 256:
+        return "cudnn"
+    return "xla"
+
+
+def fused_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, rules: RuleSet | None = None,
+                    mask: jnp.ndarray | None = None,
+                    implementation: str | None = None) -> jnp.ndarray:
+    """``softmax(q kᵀ) v`` per head through ``jax.nn.dot_product_attention``: ``q [B, Tq, H,
+    D]`` (already scaled), ``k, v [B, Tk, H, D]``, ``mask`` (bool, True: attended)
+    broadcastable to ``[B, H, Tq, Tk]`` -> ``[B, Tq, H, D]``, under the bilinear and
+    attention rules.
+
+    The rules are constant shares of the plain attention gradient (:func:`attention_core`),
+    so the backward is the platform's own VJP of the same fused call with the cotangents of
+    q, k and v scaled (as LXT's efficient implementation does on PyTorch's kernels); the
+    forward is that call whatever the rules, so it is bitwise the plain forward.
+    ``implementation``: ``"xla"`` or ``"cudnn"``, None for :func:`attention_implementation`'s
+    choice (the tiled kernel maps to ``"xla"`` here).
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"fused_attention takes q, k, v as [B, T, heads, head_dim]; got "
+                         f"{q.shape}, {k.shape}, {v.shape}")
+    if implementation is None:
+        implementation = attention_implementation(q.dtype, q.shape[-1])
+        implementation = "xla" if implementation == "tiled" else implementation
+    if implementation not in ("xla", "cudnn"):
+        raise ValueError(f"implementation {implementation!r}: fused_attention runs 'xla' or "
+                         f"'cudnn' (the tiled kernel is attention_core)")
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+    return _fused_attention(implementation, _attention_shares(rules), q, k, v, mask)
+
+
+def _platform_attention(implementation, q, k, v, mask):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0,
+                                        implementation=implementation)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused_attention(implementation, shares, q, k, v, mask):
+    return _platform_attention(implementation, q, k, v, mask)
+
+
+def _fused_attention_fwd(implementation, shares, q, k, v, mask):
+    if implementation == "cudnn":
+        # cuDNN's residuals are O(T·D) (output and softmax statistics): keep them.
+        out, vjp = jax.vjp(lambda *a: _platform_attention(implementation, *a, mask), q, k, v)
+        return out, (vjp, None)
+    # XLA's would be the [B, H, Tq, Tk] probabilities: recompute them in the backward
+    # instead, as the tiled kernel does, so that memory stays O(T·D) per layer.
+    return _platform_attention(implementation, q, k, v, mask), (None, (q, k, v, mask))
+
+
+def _fused_attention_bwd(implementation, shares, res, g):
+    qk_share, v_share = shares
+    vjp, inputs = res
+    if vjp is None:
+        q, k, v, mask = inputs
+        if qk_share == 0.0:  # constant probabilities: only v receives anything
+            _, vjp_v = jax.vjp(lambda v_: _platform_attention(implementation, q, k, v_, mask), v)
+            (dv,) = vjp_v(g)
+            return jnp.zeros_like(q), jnp.zeros_like(k), v_share * dv, None
+        _, vjp = jax.vjp(lambda *a: _platform_attention(implementation, *a, mask), q, k, v)
+    dq, dk, dv = vjp(g)
+    return qk_share * dq, qk_share * dk, v_share * dv, None
+
+
+_fused_attention.defvjp(_fused_attention_fwd, _fused_attention_bwd)
 
 
 def gate(x: jnp.ndarray, g: jnp.ndarray, rules: RuleSet | None = None) -> jnp.ndarray:

@@ -1,0 +1,46 @@
+"""``benchmarks/accelerator.py`` runs end to end on CPU at its smallest setting and prints one
+row per (size, method, batch) with finite, positive throughputs; a sweep stops only on an
+out-of-memory error."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accelerator.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("accelerator_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_accelerator_benchmark_prints_every_method_at_the_smallest_setting(capsys):
+    _load().main(["--sizes", "tiny", "--batch", "1", "--seconds", "1", "--rounds", "1",
+                  "--layers", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# jax ") and "attention kernel" in lines[0]
+    rows = [line.strip("|").split("|") for line in lines[3:]]
+    assert [(r[0].strip(), r[1].strip(), r[2].strip()) for r in rows] == [
+        ("tiny", m, "1") for m in ("forward", "attnlrp", "ig32")]
+    for row in rows:
+        numbers = [float(c) for c in row[3:]]
+        assert all(math.isfinite(v) and v >= 0 for v in numbers) and all(numbers[1:]), row
+
+
+def test_only_out_of_memory_errors_end_a_batch_sweep():
+    bench = _load()
+    assert bench._is_out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating"))
+    assert bench._is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert not bench._is_out_of_memory(ValueError("features [1, 80, 200]: expected 3000 frames"))
+
+
+def test_accelerator_benchmark_refuses_an_audio_length_whisper_cannot_take():
+    with pytest.raises(SystemExit, match="--seconds 40"):
+        _load().main(["--seconds", "40"])
