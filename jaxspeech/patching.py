@@ -75,14 +75,21 @@ class Sites:
         """Sites per name."""
         return tuple(len(m) for m in self.masks)
 
+    def __add__(self, other: Sites) -> Sites:
+        """Both sets of sites, this one's first (one :func:`patching` call runs them all)."""
+        if not isinstance(other, Sites):
+            return NotImplemented
+        return Sites(self.names + other.names, self.masks + other.masks,
+                     self.labels + other.labels)
+
     @classmethod
-    def of(cls, masks: Mapping[str, Any]) -> Sites:
+    def of(cls, masks: Mapping[str, Any], labels: Sequence[str] | None = None) -> Sites:
         """``{site name: masks [k, ...]}`` (bool; each broadcasting to the value without its
-        batch axis)."""
+        batch axis); ``labels``: one per site (default ``name[i]``)."""
         names = tuple(masks)
         arrays = tuple(np.asarray(masks[n], bool) for n in names)
-        labels = tuple(f"{n}[{i}]" for n, a in zip(names, arrays, strict=True) for i in range(len(a)))
-        return cls(names, arrays, labels)
+        default = tuple(f"{n}[{i}]" for n, a in zip(names, arrays, strict=True) for i in range(len(a)))
+        return cls(names, arrays, default if labels is None else tuple(labels))
 
     @classmethod
     def heads(cls, model, names: Sequence[str] | None = None, *, features=None, **kwargs) -> Sites:
