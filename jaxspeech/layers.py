@@ -153,14 +153,29 @@ class BatchNorm(nn.Module):
 KEEP_ATTENTION_MAPS = "attention_maps"
 
 
+# Edits (:mod:`jaxspeech.edits`) live in this collection, nested by module path like the
+# params: at a tap ``name`` of a module, the entry ``name`` (if any) is called on the value.
+EDITS = "edits"
+
+
+def edit(module: nn.Module, name: str, x: jnp.ndarray) -> jnp.ndarray:
+    """``x`` changed by the edit given for ``<module path>.<name>``, if any (else ``x``
+    itself, the same array: an unedited model traces exactly as before)."""
+    if module.has_variable(EDITS, name):
+        return module.get_variable(EDITS, name)(x)
+    return x
+
+
 def tap(module: nn.Module, name: str, x: jnp.ndarray) -> jnp.ndarray:
-    """Expose ``x`` as the intermediate ``<module path>.<name>``: it is sown into the
+    """Expose ``x`` as the intermediate ``<module path>.<name>``: an edit given for it
+    (:mod:`jaxspeech.edits`) is applied first; the result is sown into the
     ``intermediates`` collection (``Model.forward`` returns it), and if a
     ``perturbations`` entry of that name is given it is added to ``x`` — the gradient
     with respect to that zero entry is the gradient with respect to the layer output
     (Grad-CAM, gradient rollout). Unlike ``Module.perturb``, only the taps needed have
     to be given, so a full set of attention-sized zeros is never allocated.
     """
+    x = edit(module, name, x)
     if module.has_variable("perturbations", name):
         x = x + module.get_variable("perturbations", name)
     module.sow("intermediates", name, x)
@@ -177,10 +192,11 @@ def attention(module: nn.Module, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
     materialising ``[B, heads, T, T]`` (attention core, 8 x 6 heads x 1500 tokens), and
     the backward (:func:`jaxspeech.lrp.attention_core`) recomputes the tiles instead of
     keeping ``[B, heads, T, T]``. The probabilities are tapped as ``name``
-    (``[B, heads, T, T]``, with any ``perturbations`` entry added before they weight ``v``)
-    only when the caller makes :data:`KEEP_ATTENTION_MAPS` mutable (``Model.forward``,
-    rollout) or perturbs them; that path differentiates the tiled forward as written. The
-    values are the same either way, row by row. Where
+    (``[B, heads, T, T]``; an edit of that name is applied and any ``perturbations``
+    entry added before they weight ``v``) only when the caller makes
+    :data:`KEEP_ATTENTION_MAPS` mutable (``Model.forward``, rollout), edits them or
+    perturbs them; that path differentiates the tiled forward as written. The values
+    are the same either way, row by row. Where
     :func:`jaxspeech.lrp.attention_implementation` picks a fused kernel ("xla", "cudnn"),
     the untapped path runs :func:`jaxspeech.lrp.fused_attention` instead.
     """
@@ -188,7 +204,8 @@ def attention(module: nn.Module, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
     qb = _divisor_at_most(t, block)
     delta = module.get_variable("perturbations", name) \
         if module.has_variable("perturbations", name) else None
-    keep = delta is not None or module.is_mutable_collection(KEEP_ATTENTION_MAPS)
+    edited = module.has_variable(EDITS, name)
+    keep = delta is not None or edited or module.is_mutable_collection(KEEP_ATTENTION_MAPS)
 
     def heads_first(x):  # [B, T, H, D] -> [B*H, T, D]
         return x.transpose(0, 2, 1, 3).reshape(b * h, t, x.shape[-1])
@@ -200,23 +217,25 @@ def attention(module: nn.Module, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
         context = lrp.attention_core(heads_first(q), heads_first(k), heads_first(v), rules, qb)
         return context.reshape(b, h, t, d).transpose(0, 2, 1, 3)
     q_blocks = heads_first(q).reshape(b * h, t // qb, qb, d)
-    d_blocks = None if delta is None else delta.reshape(b * h, t // qb, qb, t)
 
-    def one_head(args):
-        qh, kh, vh, dh = args
+    def head_probs(args):
+        qh, kh = args
+        return jax.lax.map(
+            lambda qi: lrp.attention_weights(lrp.bilinear("qd,kd->qk", qi, kh, rules), rules), qh)
 
-        def one_block(blk):
-            qi, di = blk
-            probs = lrp.attention_weights(lrp.bilinear("qd,kd->qk", qi, kh, rules), rules)
-            if di is not None:
-                probs = probs + di
-            return lrp.bilinear("qk,kd->qd", probs, vh, rules), probs if keep else None
+    probs = jax.lax.map(head_probs, (q_blocks, heads_first(k)))  # [B*H, T/qb, qb, T]
+    if edited or delta is not None:
+        full = edit(module, name, probs.reshape(b, h, t, t))
+        if delta is not None:
+            full = full + delta
+        probs = full.reshape(b * h, t // qb, qb, t)
 
-        return jax.lax.map(one_block, (qh, dh))
+    def head_context(args):
+        ph, vh = args
+        return jax.lax.map(lambda pi: lrp.bilinear("qk,kd->qd", pi, vh, rules), ph)
 
-    context, probs = jax.lax.map(one_head, (q_blocks, heads_first(k), heads_first(v), d_blocks))
-    if keep:
-        module.sow("intermediates", name, probs.reshape(b, h, t, t))
+    context = jax.lax.map(head_context, (probs, heads_first(v)))
+    module.sow("intermediates", name, probs.reshape(b, h, t, t))
     return context.reshape(b, h, t, d).transpose(0, 2, 1, 3)
 
 
@@ -229,19 +248,21 @@ def masked_attention(module: nn.Module, q: jnp.ndarray, k: jnp.ndarray, v: jnp.n
 
     For the decoder's causal self-attention and its cross-attention (Lq <= 448 tokens, so
     ``[B, heads, Lq, Lk]`` is small). The probabilities are tapped as ``name`` when
-    :data:`KEEP_ATTENTION_MAPS` is mutable, and a ``perturbations`` entry of that name is
-    added to them (Grad-CAM, gradient rollout), as :func:`attention` does. Untapped, it runs
-    :func:`jaxspeech.lrp.fused_attention` where :func:`jaxspeech.lrp.attention_implementation`
-    picks a fused kernel.
+    :data:`KEEP_ATTENTION_MAPS` is mutable; an edit of that name is applied to them and a
+    ``perturbations`` entry of that name added (Grad-CAM, gradient rollout), as
+    :func:`attention` does. Untapped and unedited, it runs :func:`jaxspeech.lrp.fused_attention`
+    where :func:`jaxspeech.lrp.attention_implementation` picks a fused kernel.
     """
-    perturbed = module.has_variable("perturbations", name)
-    if not perturbed and not module.is_mutable_collection(KEEP_ATTENTION_MAPS):
+    plain = not (module.has_variable("perturbations", name) or module.has_variable(EDITS, name)
+                 or module.is_mutable_collection(KEEP_ATTENTION_MAPS))
+    if plain:
         implementation = lrp.attention_implementation(q.dtype, q.shape[-1])
         if implementation != "tiled":
             return lrp.fused_attention(q, k, v, rules, mask=where, implementation=implementation)
     probs = lrp.attention_weights(lrp.bilinear("bqhd,bkhd->bhqk", q, k, rules), rules,
                                   where=where)
-    if perturbed:
+    probs = edit(module, name, probs)
+    if module.has_variable("perturbations", name):
         probs = probs + module.get_variable("perturbations", name)
     if module.is_mutable_collection(KEEP_ATTENTION_MAPS):
         module.sow("intermediates", name, probs)

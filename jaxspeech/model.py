@@ -109,15 +109,21 @@ def _module(config, rules, remat) -> nn.Module:
     return family_of(config).module(config, rules=lrp.get_rules(rules), remat=remat)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "rules", "remat"))
-def _apply(config, params, features, kwargs, rules=None, remat=False):
-    return _module(config, rules, remat).apply({"params": params}, features, **kwargs)
+def variables(params, edits=None) -> dict:
+    """The module's variables: ``params``, and a bound edit tree (:func:`jaxspeech.edits.bind`)
+    as the :data:`jaxspeech.layers.EDITS` collection."""
+    return {"params": params} if edits is None else edits.variables(params)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "rules", "remat"))
-def _forward(config, params, features, kwargs, rules=None, remat=False):
+def _apply(config, params, features, kwargs, rules=None, remat=False, edits=None):
+    return _module(config, rules, remat).apply(variables(params, edits), features, **kwargs)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "rules", "remat"))
+def _forward(config, params, features, kwargs, rules=None, remat=False, edits=None):
     out, state = _module(config, rules, remat).apply(
-        {"params": params}, features, **kwargs,
+        variables(params, edits), features, **kwargs,
         mutable=["intermediates", layers.KEEP_ATTENTION_MAPS])
     return out, flatten_intermediates(state.get("intermediates", {}))
 
@@ -214,16 +220,23 @@ class Model:
         """The Linen module (for users composing it into their own Flax code)."""
         return _module(self.config, lrp.get_rules(rules), remat)
 
-    def apply(self, params, features, *, rules=None, remat: bool = False, **kwargs):
-        """Pure forward: ``features`` (as :meth:`features` returns) -> the model output."""
-        return _apply(self.config, params, features, kwargs, rules=lrp.get_rules(rules),
-                      remat=remat)
+    def apply(self, params, features, *, rules=None, remat: bool = False, edits=None, **kwargs):
+        """Pure forward: ``features`` (as :meth:`features` returns) -> the model output.
+        ``edits``: ``{site: edit}`` interventions (:mod:`jaxspeech.edits`)."""
+        from jaxspeech.edits import bind
 
-    def forward(self, params, features, *, rules=None, remat: bool = False, **kwargs):
+        return _apply(self.config, params, features, kwargs, rules=lrp.get_rules(rules),
+                      remat=remat, edits=bind(self.config, edits, features, kwargs))
+
+    def forward(self, params, features, *, rules=None, remat: bool = False, edits=None,
+                **kwargs):
         """``(output, intermediates)``: intermediates maps layer paths to arrays, e.g.
-        ``"layers.3.hidden_state"``, ``"layers.3.self_attn.attention"``."""
+        ``"layers.3.hidden_state"``, ``"layers.3.self_attn.attention"``, as they flow
+        (after any ``edits``, :mod:`jaxspeech.edits`)."""
+        from jaxspeech.edits import bind
+
         return _forward(self.config, params, features, kwargs, rules=lrp.get_rules(rules),
-                        remat=remat)
+                        remat=remat, edits=bind(self.config, edits, features, kwargs))
 
     # --- waveforms in
     def prepare(self, wave, *, sample_rate: int | None = None, **options):

@@ -63,7 +63,8 @@ def word_timestamps(m: Model, features, text_tokens: Sequence[Sequence[int]],
                     sot_sequence: Sequence[int] | Sequence[Sequence[int]], num_frames,
                     split_words: SplitWords | Sequence[SplitWords], *,
                     medfilt_width: int = 7, qk_scale: float = 1.0,
-                    last_speech_timestamp: float | Sequence[float] = 0.0) -> list[list[Word]]:
+                    last_speech_timestamp: float | Sequence[float] = 0.0,
+                    edits=None) -> list[list[Word]]:
     """Word start/end times for each item's ``text_tokens``, as openai-whisper's
     ``add_word_timestamps`` gives for one segment (window start 0, no timestamp tokens).
 
@@ -88,6 +89,7 @@ def word_timestamps(m: Model, features, text_tokens: Sequence[Sequence[int]],
         to the window's start (scalar or ``[B]``); 0 for the first window. openai
         shortens the first word when it ends more than 4 median word durations later
         (its start clamped at the window's start here, at 0 s of the whole audio there).
+      edits: ``{site: edit}`` (:mod:`jaxspeech.edits`): align with the edited model.
 
     Returns:
       ``B`` lists of :class:`Word` (empty for an empty transcript).
@@ -153,10 +155,13 @@ def word_timestamps(m: Model, features, text_tokens: Sequence[Sequence[int]],
     tokens = np.full((batch, width), eot, np.int32)
     for b, (sot, text) in enumerate(zip(sots, texts, strict=True)):
         tokens[b, :lengths[b]] = [*sot, no_timestamps, *text, eot]
+    from jaxspeech.edits import bind
+
+    bound = bind(cfg, edits, features, {"tokens": tokens})
     matrix, probs = _alignment_matrix(
         cfg, m.params, features, jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32),
         jnp.asarray(frames // 2, jnp.int32), heads=heads, eot=eot,
-        medfilt_width=medfilt_width, qk_scale=float(qk_scale))
+        medfilt_width=medfilt_width, qk_scale=float(qk_scale), edits=bound)
     matrix, probs = np.asarray(matrix), np.asarray(probs)
 
     out = []
@@ -176,7 +181,7 @@ def word_timestamps(m: Model, features, text_tokens: Sequence[Sequence[int]],
 @functools.partial(jax.jit, static_argnames=("config", "heads", "eot", "medfilt_width",
                                              "qk_scale"))
 def _alignment_matrix(config, params, features, tokens, lengths, enc_frames, *, heads, eot,
-                      medfilt_width, qk_scale):
+                      medfilt_width, qk_scale, edits=None):
     """The teacher-forced pass and the alignment matrix, for the whole batch.
 
     ``tokens [B, L]`` (item b valid up to ``lengths[b]``), ``enc_frames [B]`` the clip's
@@ -188,7 +193,7 @@ def _alignment_matrix(config, params, features, tokens, lengths, enc_frames, *, 
     # Inside this jit only the maps read below are live, so XLA drops the encoder's
     # [B, H, 1500, 1500] maps that Model.forward also taps (tiny.en, B = 3: 111 MB of
     # temporaries, less than the 162 MB those maps alone would take).
-    logits, inter = Model(config, params).forward(params, features, tokens=tokens)
+    logits, inter = Model(config, params).forward(params, features, tokens=tokens, edits=edits)
     length = tokens.shape[1]
     n_source = config.max_source_positions
 

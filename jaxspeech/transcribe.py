@@ -96,7 +96,7 @@ def transcribe(m: Model, wave, language: str | None = None, task: str = "transcr
                word_timestamps: bool = False, max_new_tokens: int | None = None,
                sample_rate: int | None = None, *, tokenizer: WhisperTokenizer | None = None,
                batch_size: int = DEFAULT_BATCH, no_speech_threshold: float | None = 0.6,
-               logprob_threshold: float | None = -1.0) -> list[Transcript]:
+               logprob_threshold: float | None = -1.0, edits=None) -> list[Transcript]:
     """Transcribe (or translate, ``task="translate"``) audio; one :class:`Transcript` per item.
 
     ``wave``: ``[samples]``, ``[B, samples]`` or a list of 1-D clips at ``m.sample_rate``
@@ -111,6 +111,9 @@ def transcribe(m: Model, wave, language: str | None = None, task: str = "transcr
     no-speech probability exceeds ``no_speech_threshold`` unless its mean token
     log-probability exceeds ``logprob_threshold`` (openai-whisper's rule and defaults;
     ``None`` turns either off): Whisper, asked to transcribe silence, tends to say " you".
+    ``edits``: ``{site: edit}`` (:mod:`jaxspeech.edits`) applied to the encoder and to every
+    decoding step (decoder sites see one token per step, at its position ``offset``), and
+    to the word-timestamp pass.
     """
     config = require_decoder(m)
     tok = tokenizer or WhisperTokenizer.from_model(m)
@@ -122,14 +125,15 @@ def transcribe(m: Model, wave, language: str | None = None, task: str = "transcr
     windows, owners, starts, samples = _windows(batch, sizes, config.n_samples, m.sample_rate)
     features = m.features(windows)
     out = generate(m, features, tokenizer=tok, language=language, task=task,
-                   max_new_tokens=max_new_tokens, first_window=owners, batch_size=batch_size)
+                   max_new_tokens=max_new_tokens, first_window=owners, batch_size=batch_size,
+                   edits=edits)
     for r in range(len(owners)):
         if _silent(out.no_speech_probs[r], out.avg_logprobs[r], no_speech_threshold,
                    logprob_threshold):
             out.tokens[r] = []
     words = None
     if word_timestamps:
-        words = _word_timestamps(m, tok, features, out, starts, samples, owners)
+        words = _word_timestamps(m, tok, features, out, starts, samples, owners, edits)
     results = []
     for first in sorted(set(owners)):  # one clip per first window, in order
         rows = [r for r, o in enumerate(owners) if o == first]
@@ -181,13 +185,14 @@ def suppress_masks(config: WhisperConfig, generation: dict, tok: WhisperTokenize
 
 def generate(m: Model, features, *, tokenizer: WhisperTokenizer | None = None, language: str | None = None,
              task: str = "transcribe", max_new_tokens: int | None = None,
-             first_window: Sequence[int] | None = None, batch_size: int | None = None) -> Generation:
+             first_window: Sequence[int] | None = None, batch_size: int | None = None,
+             edits=None) -> Generation:
     """Greedy tokens for log-mel ``features [N, n_mels, 3000]`` (as ``m.features`` gives).
 
     ``first_window[i]``: the row whose detected language row ``i`` takes (a long clip's first
     window; default each row its own). Rows are decoded ``batch_size`` at a time (default
     all together); a short last batch is filled with copies of its last row, so one
-    compilation serves every batch.
+    compilation serves every batch. ``edits``: as :func:`transcribe` takes them.
     """
     config = require_decoder(m)
     tok = tokenizer or WhisperTokenizer.from_model(m)
@@ -209,6 +214,9 @@ def generate(m: Model, features, *, tokenizer: WhisperTokenizer | None = None, l
     every, first = suppress_masks(config, m.extras.get("generation") or {}, tok)
     language_ids = np.array(sorted(tok.lang_to_id.values()) or [0], np.int32)
     size = n if not batch_size else min(batch_size, n)
+    from jaxspeech.edits import bind
+
+    bound = bind(config, edits, features[:size], {"tokens": jnp.zeros((size, 1), jnp.int32)})
     # once on the device: a loaded checkpoint's params are NumPy arrays, which every jitted
     # call would otherwise copy over again (the whole model, per batch)
     params = jax.device_put(m.params)
@@ -224,7 +232,7 @@ def generate(m: Model, features, *, tokenizer: WhisperTokenizer | None = None, l
             config, budget, detect, params, features[np.array(rows + pad)],
             jnp.asarray([prompt] * size, jnp.int32), jnp.asarray(every), jnp.asarray(first),
             jnp.asarray(language_ids), jnp.asarray(np.maximum(local, 0), jnp.int32),
-            jnp.asarray(given, jnp.int32), tok.eot, tok.no_speech or 0))
+            jnp.asarray(given, jnp.int32), tok.eot, tok.no_speech or 0, bound))
         for i in range(len(rows)):
             row = out[i].tolist()
             tokens.append(row[: row.index(tok.eot)] if tok.eot in row else row)
@@ -238,7 +246,7 @@ def generate(m: Model, features, *, tokenizer: WhisperTokenizer | None = None, l
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _greedy(config: WhisperConfig, budget: int, detect: bool, params, features, prompt, every,
-            first, language_ids, owner, given, eot, no_speech):
+            first, language_ids, owner, given, eot, no_speech, edits=None):
     """``features [N, n_mels, frames]``, ``prompt [N, P]`` -> (tokens ``[N, budget]`` padded
     with ``eot``, the prompts used ``[N, P]``, the sum of the chosen tokens' log-probabilities
     ``[N]`` (up to and with the first ``eot``), the no-speech probability ``[N]``).
@@ -249,8 +257,12 @@ def _greedy(config: WhisperConfig, budget: int, detect: bool, params, features, 
     ``first``: ids suppressed at every / the first chosen step ``[vocab]``. With ``detect``,
     the prompt's slot 1 becomes, at step 0 (openai-whisper's ``detect_language``: the most
     likely language token after ``<|startoftranscript|>``), the language detected on row
-    ``owner[i]`` where ``given[i] < 0``, else ``given[i]``."""
-    memory = Whisper(config).apply({"params": params}, features)
+    ``owner[i]`` where ``given[i] < 0``, else ``given[i]``. ``edits``: a bound edit tree
+    (:func:`jaxspeech.edits.bind`), applied in the encoder and in every step."""
+    from jaxspeech.edits import decoder_step_edits
+
+    memory = Whisper(config).apply(
+        {"params": params} if edits is None else edits.variables(params), features)
     n, p = prompt.shape
     cache = decoder_cache(config, params, memory, p + budget)
     seq = jnp.full((n, p + budget), eot, jnp.int32).at[:, :p].set(prompt)
@@ -262,7 +274,7 @@ def _greedy(config: WhisperConfig, budget: int, detect: bool, params, features, 
     def body(state):
         i, seq, done, total, no_speech_prob, cache = state
         logits, cache = decode_step(config, params, jax.lax.dynamic_slice_in_dim(seq, i, 1, 1),
-                                    cache, i)
+                                    cache, i, decoder_step_edits(edits, i))
         logits = logits[:, 0]
         # openai-whisper's no_speech_prob: the unfiltered distribution after <|startoftranscript|>
         no_speech_prob = jnp.where(i == 0, jax.nn.softmax(logits, axis=-1)[:, no_speech],
@@ -288,7 +300,7 @@ def _greedy(config: WhisperConfig, budget: int, detect: bool, params, features, 
 
 
 def _word_timestamps(m: Model, tok: WhisperTokenizer, features, out: Generation, starts, samples,
-                     owners) -> list[list[Word]]:
+                     owners, edits=None) -> list[list[Word]]:
     """Each window's words (:func:`jaxspeech.timing.word_timestamps`), times from the clip's
     start. The k-th windows of all clips are aligned together, after the (k-1)-th: openai
     shortens a first word that follows a long pause, measured from the previous window's
@@ -306,7 +318,7 @@ def _word_timestamps(m: Model, tok: WhisperTokenizer, features, out: Generation,
             [out.prompts[r][:-1] for r in rows],  # the prompt before <|notimestamps|>
             np.array([min(max(samples[r] // hop, 2), m.config.n_frames) for r in rows]),
             [functools.partial(tok.split_to_word_tokens, language=out.languages[r]) for r in rows],
-            last_speech_timestamp=np.array(last))
+            last_speech_timestamp=np.array(last), edits=edits)
         for r, ws in zip(rows, found, strict=True):
             words[r] = [dataclasses.replace(w, start=w.start + starts[r], end=w.end + starts[r])
                         for w in ws]

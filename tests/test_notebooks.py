@@ -14,7 +14,7 @@ import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ["01_quickstart.ipynb", "02_speaker_verification.ipynb", "03_clap_audio_text.ipynb",
-         "04_faithfulness.ipynb"]
+         "04_faithfulness.ipynb", "05_interventions.ipynb"]
 
 
 def _build_module():
@@ -97,6 +97,27 @@ def _check_faithfulness(text: str, images: int) -> None:
     assert images >= 4  # the planted-evidence overlay and the three evaluation figures
 
 
+def _check_interventions(text: str, images: int) -> None:
+    assert "clean:     Stella bought seven red apples today" in text
+    clean, corrupt = (float(v) for v in re.search(
+        r"log p\(seven\): clean (\S+), corrupted (\S+)", text).groups())
+    assert corrupt < clean - 2  # the spliced word changes what the model hears
+    assert re.search(r"one call: 32 sites in \d+ s", text)
+    rows = re.findall(r"\| layers\.(\d)\.hidden_state \| (seven|red) \| (\S+) \| (\S+) \|", text)
+    assert len(rows) == 8, rows
+    for _, which, effect, _ in rows:  # the word's frames carry it at every layer; red's do not
+        if which == "seven":
+            assert float(effect) < 0.5 * (corrupt - clean), rows
+        else:
+            assert abs(float(effect)) < 0.05 * (clean - corrupt), rows
+    assert "attribution patching vs activation patching: pearson" in text
+    assert "share of |relevance| in the frames of 'seven'" in text
+    # ECAPA: patching block 0 or mfa whole gives the other voice's score exactly
+    for site in ("blocks.0.hidden_state", "mfa.hidden_state"):
+        assert re.search(rf"\| {re.escape(site)} \| \S+ \| 1\.00 \|", text), site
+    assert images >= 1  # the layer x head map
+
+
 def _seconds(cell) -> float:
     timing = cell.metadata.get("execution", {})
     if "iopub.execute_input" not in timing or "shell.execute_reply" not in timing:
@@ -109,7 +130,8 @@ def _seconds(cell) -> float:
 CHECKS = {"01_quickstart.ipynb": _check_quickstart,
           "02_speaker_verification.ipynb": _check_speaker,
           "03_clap_audio_text.ipynb": _check_clap,
-          "04_faithfulness.ipynb": _check_faithfulness}
+          "04_faithfulness.ipynb": _check_faithfulness,
+          "05_interventions.ipynb": _check_interventions}
 
 
 @pytest.mark.slow

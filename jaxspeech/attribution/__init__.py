@@ -118,6 +118,7 @@ def attribute(
     rules: lrp.RuleSet | None = None,
     batch_size: int = 4,
     remat: bool = False,
+    edits=None,
     **prepare_options,
 ) -> Attribution:
     """Explain ``target`` for each item of ``wave`` (or of precomputed ``features``).
@@ -135,6 +136,10 @@ def attribute(
     ``target``: a :mod:`jaxspeech.targets` target, or a plain function ``fn(y) -> [B]`` of
     the output ``y = m.apply(params, x)`` (wrapped as ``js.targets.custom(fn)``); default
     :func:`jaxspeech.targets.default`.
+
+    ``edits``: ``{site: edit}`` (:mod:`jaxspeech.edits`): explain the edited model (every
+    method's forward and backward run through the edits; the model's own ops keep their
+    rules).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -142,21 +147,25 @@ def attribute(
     features, kwargs = model.inputs(wave, features, sample_rate=sample_rate, **prepare_options)
     target = targets.resolve(model, target)  # None: the default; a function: custom
     config = model.config
+    from jaxspeech.edits import bind
+
+    edits = bind(config, edits, features, kwargs)
     extras: dict[str, Any] = {}
 
     if method in LRP_METHODS or rules is not None:
         rule_set = rules if rules is not None else methods.rules_for(method, epsilon, gamma)
         g, score = methods.gradient(config, params, features, kwargs, target, rules=rule_set,
-                                    remat=remat)
+                                    remat=remat, edits=edits)
         relevance = features * g
     elif method in ("saliency", "gradient_x_input"):
-        g, score = methods.gradient(config, params, features, kwargs, target, remat=remat)
+        g, score = methods.gradient(config, params, features, kwargs, target, remat=remat,
+                                    edits=edits)
         relevance = jnp.abs(g) if method == "saliency" else features * g
     elif method == "integrated_gradients":
         base = _baseline(features, baseline)
         relevance, score, base_score = methods.integrated_gradients(
             config, params, features, kwargs, target, base, steps=steps, method=integration,
-            batch_size=batch_size, remat=remat)
+            batch_size=batch_size, remat=remat, edits=edits)
         total = relevance.sum(axis=tuple(range(1, relevance.ndim)))
         extras.update(baseline_score=base_score,
                       completeness_gap=(total - (score - base_score)) / jnp.abs(score - base_score))
@@ -164,19 +173,20 @@ def attribute(
         key = jax.random.key(0) if key is None else key
         relevance, score = methods.smoothgrad(config, params, features, kwargs, target, key,
                                               noise_level=noise_level, n_samples=n_samples,
-                                              batch_size=batch_size, remat=remat)
+                                              batch_size=batch_size, remat=remat, edits=edits)
     else:
         if method == "gradcam":
             if layer is None:
                 names = [n for n in methods.layer_names(config, features, kwargs)
                          if n.endswith("hidden_state")]
                 raise ValueError(f"gradcam needs layer=...; this model has: {', '.join(names)}")
-            tokens, score = methods.gradcam(config, params, features, kwargs, target, layer, remat)
+            tokens, score = methods.gradcam(config, params, features, kwargs, target, layer, remat,
+                                            edits)
         elif method == "rollout":
-            tokens, score = methods.rollout(config, params, features, kwargs, target, remat)
+            tokens, score = methods.rollout(config, params, features, kwargs, target, remat, edits)
         else:
             tokens, score = methods.gradient_rollout(config, params, features, kwargs, target,
-                                                     remat)
+                                                     remat, edits)
         to_features = model.family.tokens_to_features
         if to_features is None:
             raise ValueError(f"{model.kind} cannot lay a per-token map over its features")

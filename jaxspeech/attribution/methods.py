@@ -30,35 +30,37 @@ __all__ = ["gradient", "integrated_gradients", "smoothgrad", "gradcam", "gradcam
            "gradient_rollout", "layer_names", "ig_nodes"]
 
 
-def _variables(params, perturb):
-    return {"params": params} if not perturb else {"params": params, "perturbations": perturb}
+def _variables(params, perturb, edits=None):
+    variables = {"params": params} if edits is None else edits.variables(params)
+    return variables if not perturb else {**variables, "perturbations": perturb}
 
 
 def score(config, params, x, kwargs, target: Target, *, rules=None, remat=False, perturb=None,
-          maps: bool = False):
+          maps: bool = False, edits=None):
     """``(target [B], output, intermediates)`` of one forward. Attention maps are among the
     intermediates only with ``maps`` (or when the target reads one): without them the
-    attention runs fused and its backward never holds ``[B, heads, T, T]``."""
+    attention runs fused and its backward never holds ``[B, heads, T, T]``. ``edits``: a
+    bound edit tree (:func:`jaxspeech.edits.bind`), applied in the forward."""
     maps = maps or (target.layer or "").endswith(".attention")
     collections = ["intermediates"] + ([KEEP_ATTENTION_MAPS] if maps else [])
     y, state = _module(config, rules, remat).apply(
-        _variables(params, perturb), x, **kwargs, mutable=collections)
+        _variables(params, perturb, edits), x, **kwargs, mutable=collections)
     inter = flatten_intermediates(state.get("intermediates", {}))
     return target(y, inter, params, lrp.get_rules(rules)), y, inter
 
 
-def _grad(config, params, x, kwargs, target, rules, remat):
+def _grad(config, params, x, kwargs, target, rules, remat, edits=None):
     def f(x_):
-        s, _, _ = score(config, params, x_, kwargs, target, rules=rules, remat=remat)
+        s, _, _ = score(config, params, x_, kwargs, target, rules=rules, remat=remat, edits=edits)
         return s.sum(), s
 
     return jax.grad(f, has_aux=True)(x)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "rules", "remat"))
-def gradient(config, params, x, kwargs, target, rules=None, remat=False):
+def gradient(config, params, x, kwargs, target, rules=None, remat=False, edits=None):
     """``(grad [x.shape], score [B])``; under ``rules`` the grad is LRP's (relevance = x·grad)."""
-    return _grad(config, params, x, kwargs, target, rules, remat)
+    return _grad(config, params, x, kwargs, target, rules, remat, edits)
 
 
 def ig_nodes(steps: int, method: str = "gausslegendre") -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +84,7 @@ def ig_nodes(steps: int, method: str = "gausslegendre") -> tuple[np.ndarray, np.
 
 @functools.partial(jax.jit, static_argnames=("config", "steps", "method", "batch_size", "remat"))
 def integrated_gradients(config, params, x, kwargs, target, baseline, steps=32,
-                         method="gausslegendre", batch_size=4, remat=False):
+                         method="gausslegendre", batch_size=4, remat=False, edits=None):
     """Sundararajan et al. 2017: ``(x - baseline) · ∫ ∇f(baseline + α(x - baseline)) dα``.
 
     Returns ``(relevance, score [B], score at the baseline [B])``; completeness means
@@ -93,19 +95,19 @@ def integrated_gradients(config, params, x, kwargs, target, baseline, steps=32,
 
     def step(aw):
         a, w = aw
-        g, _ = _grad(config, params, baseline + a * delta, kwargs, target, None, remat)
+        g, _ = _grad(config, params, baseline + a * delta, kwargs, target, None, remat, edits)
         return g * w
 
     grads = jax.lax.map(step, (jnp.asarray(alphas, x.dtype), jnp.asarray(weights, x.dtype)),
                         batch_size=min(batch_size, steps))
-    s, _, _ = score(config, params, x, kwargs, target)
-    s0, _, _ = score(config, params, baseline, kwargs, target)
+    s, _, _ = score(config, params, x, kwargs, target, edits=edits)
+    s0, _, _ = score(config, params, baseline, kwargs, target, edits=edits)
     return delta * grads.sum(0), s, s0
 
 
 @functools.partial(jax.jit, static_argnames=("config", "n_samples", "batch_size", "remat"))
 def smoothgrad(config, params, x, kwargs, target, key, noise_level=0.1, n_samples=16,
-               batch_size=4, remat=False):
+               batch_size=4, remat=False, edits=None):
     """Smilkov et al. 2017: the gradient averaged over ``x + N(0, σ²)``, σ = noise_level ·
     (max - min of each item's features). Returns ``(mean gradient, score [B])``."""
     axes = tuple(range(1, x.ndim))
@@ -114,11 +116,11 @@ def smoothgrad(config, params, x, kwargs, target, key, noise_level=0.1, n_sample
 
     def step(k):
         g, _ = _grad(config, params, x + sigma * jax.random.normal(k, x.shape, x.dtype), kwargs,
-                     target, None, remat)
+                     target, None, remat, edits)
         return g
 
     grads = jax.lax.map(step, jax.random.split(key, n_samples), batch_size=min(batch_size, n_samples))
-    s, _, _ = score(config, params, x, kwargs, target)
+    s, _, _ = score(config, params, x, kwargs, target, edits=edits)
     return grads.mean(0), s
 
 
@@ -161,10 +163,10 @@ def _nest(path, value):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "layer", "path", "remat"))
-def _gradcam(config, params, x, kwargs, target, layer, path, zeros, remat=False):
+def _gradcam(config, params, x, kwargs, target, layer, path, zeros, remat=False, edits=None):
     def f(z):
         s, _, inter = score(config, params, x, kwargs, target, remat=remat,
-                            perturb=_nest(path, z))
+                            perturb=_nest(path, z), edits=edits)
         return s.sum(), (s, inter[layer])
 
     g, (s, acts) = jax.grad(f, has_aux=True)(zeros)
@@ -189,7 +191,7 @@ def gradcam_map(g: jnp.ndarray, acts: jnp.ndarray, valid: jnp.ndarray | None = N
     return jax.nn.relu((acts * weights).sum(-1)) * m[:, :, 0]
 
 
-def gradcam(config, params, x, kwargs, target, layer: str, remat=False):
+def gradcam(config, params, x, kwargs, target, layer: str, remat=False, edits=None):
     """Selvaraju et al. 2017 on a ``[B, T, C]`` layer output: ``relu(Σ_c mean_t(∂f/∂A_c) A_c)``.
     Returns ``(cam [B, T], score [B])``. With relative ``lengths [B]`` in ``kwargs``
     (ECAPA; SpeechBrain's convention, frame ``t`` valid when ``t < lengths * T``) the mean
@@ -203,7 +205,7 @@ def gradcam(config, params, x, kwargs, target, layer: str, remat=False):
         raise ValueError(f"Grad-CAM needs a [batch, frames, channels] layer output; {layer!r} "
                          f"has shape {tuple(spec.shape)}")
     return _gradcam(config, params, x, kwargs, target, layer, path,
-                    jnp.zeros(spec.shape, spec.dtype), remat)
+                    jnp.zeros(spec.shape, spec.dtype), remat, edits)
 
 
 # --- attention rollout ---------------------------------------------------------------------
@@ -325,8 +327,8 @@ def _roll_back(v, mats, geometry, step):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "names", "remat"))
-def _rollout(config, params, x, kwargs, target, names, remat=False):
-    s, _, inter = score(config, params, x, kwargs, target, remat=remat, maps=True)
+def _rollout(config, params, x, kwargs, target, names, remat=False, edits=None):
+    s, _, inter = score(config, params, x, kwargs, target, remat=remat, maps=True, edits=edits)
     geometry = _geometry(config, names)
     mats = []
     for n in names:
@@ -339,17 +341,18 @@ def _rollout(config, params, x, kwargs, target, names, remat=False):
     return _roll_back(v, mats, geometry, _times_windows), s
 
 
-def rollout(config, params, x, kwargs, target, remat=False):
+def rollout(config, params, x, kwargs, target, remat=False, edits=None):
     """Abnar & Zuidema 2020: head-averaged attention with the residual (0.5·A + 0.5·I),
     row-normalised and multiplied through the layers (window by window for windowed
     attention; patch merging spreads a token's weight evenly over its sources).
     Returns ``(tokens [B, T], score)``, T the first attention layer's tokens."""
     names = _rollout_layers(config, layer_paths(config, x, kwargs), target)
-    return _rollout(config, params, x, kwargs, target, names, remat)
+    return _rollout(config, params, x, kwargs, target, names, remat, edits)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "names", "paths", "remat"))
-def _gradient_rollout(config, params, x, kwargs, target, names, paths, zeros, remat=False):
+def _gradient_rollout(config, params, x, kwargs, target, names, paths, zeros, remat=False,
+                      edits=None):
     perturb: dict = {}
     for path, z in zip(paths, zeros, strict=True):
         node = perturb
@@ -358,7 +361,8 @@ def _gradient_rollout(config, params, x, kwargs, target, names, paths, zeros, re
         node[path[-1]] = z
 
     def f(p):
-        s, _, inter = score(config, params, x, kwargs, target, remat=remat, perturb=p, maps=True)
+        s, _, inter = score(config, params, x, kwargs, target, remat=remat, perturb=p, maps=True,
+                            edits=edits)
         return s.sum(), (s, [inter[n] for n in names])
 
     grads, (s, maps) = jax.grad(f, has_aux=True)(perturb)
@@ -371,7 +375,7 @@ def _gradient_rollout(config, params, x, kwargs, target, names, paths, zeros, re
     return _roll_back(v, cams, geometry, lambda v_, c, w: v_ + _times_windows(v_, c, w)), s
 
 
-def gradient_rollout(config, params, x, kwargs, target, remat=False):
+def gradient_rollout(config, params, x, kwargs, target, remat=False, edits=None):
     """Chefer et al. 2021 (generic attention explainability): ``R ← R + E_h[(∇A ⊙ A)⁺] R``
     from ``R = I`` through the layers (per window for windowed attention; patch merging
     spreads a token's weight evenly over its sources). Returns ``(tokens [B, T], score)``."""
@@ -380,7 +384,8 @@ def gradient_rollout(config, params, x, kwargs, target, remat=False):
     specs = [paths[n] for n in names]
     return _gradient_rollout(config, params, x, kwargs, target, names,
                              tuple(p for p, _ in specs),
-                             [jnp.zeros(spec.shape, spec.dtype) for _, spec in specs], remat)
+                             [jnp.zeros(spec.shape, spec.dtype) for _, spec in specs], remat,
+                             edits)
 
 
 def _require_attention(config, names):

@@ -15,6 +15,7 @@
                      x += output(GELU(intermediate(layernorm_after(x))))
                      "...layers.i.blocks.j.hidden_state"  [B, H*W, C] (row-major grid)
                      "...layers.i.blocks.j.attention.attention" [B, windows, heads, 64, 64]
+                     "...layers.i.blocks.j.attention.heads" [B, windows, 64, heads, head_dim]
            downsample (not after the last stage): 2x2 neighbours concatenated
                      -> LayerNorm(4C) -> Linear(4C -> 2C, no bias)
       -> norm -> "last_hidden_state" [B, 64, C] (the 8x8 grid, row-major)
@@ -293,8 +294,8 @@ class WindowAttention(nn.Module):
             bias = bias + jnp.asarray(mask)[:, None]
         probs = layers.tap(self, "attention", lrp.attention_weights(scores + bias[None], r))
         context = lrp.bilinear("bwhqk,bwhkd->bwhqd", probs, v, r)
-        context = context.transpose(0, 1, 3, 2, 4).reshape(b, nw, n, c)
-        return layers.Dense(c, rules=self.rules, name="output.dense")(context)
+        context = layers.tap(self, "heads", context.transpose(0, 1, 3, 2, 4))  # [B, W, n, heads, D]
+        return layers.Dense(c, rules=self.rules, name="output.dense")(context.reshape(b, nw, n, c))
 
 
 class SwinBlock(nn.Module):
@@ -453,9 +454,7 @@ class HTSATEncoder(nn.Module):
         x = layers.tap(self, "last_hidden_state", x.reshape(b, gh * gw, c))
         # HF regroups the grid to (frequency, time) before AdaptiveAvgPool1d; a mean over
         # every token does not depend on the order.
-        pooled = jnp.mean(x, axis=1)
-        self.sow("intermediates", "pooler_output", pooled)
-        return pooled
+        return layers.tap(self, "pooler_output", jnp.mean(x, axis=1))
 
 
 class ClapAudio(nn.Module):

@@ -404,7 +404,7 @@ class Ecapa(nn.Module):
             features, lengths)
         if self.config.out_neurons:
             scores = Classifier(self.config.out_neurons, self.rules, name="classifier")(emb)
-            self.sow("intermediates", "logits", scores)
+            layers.tap(self, "logits", scores)
         return emb
 
 

@@ -5,6 +5,7 @@ Encoder:
       -> conv1 (k3, pad 1) -> GELU -> conv2 (k3, stride 2, pad 1) -> GELU
       -> + embed_positions [1500, d_model]                     "embeddings"
       -> layers.i: x += self_attn(self_attn_layer_norm(x))     "layers.i.self_attn.attention"
+                      (per-head context before out_proj)        "layers.i.self_attn.heads"
                    x += fc2(GELU(fc1(final_layer_norm(x))))    "layers.i.hidden_state"
       -> layer_norm                                             encoder output [B, 1500, d_model]
 
@@ -18,7 +19,9 @@ Decoder (when the config has one), given tokens [B, L]:
 Parameter paths mirror the PyTorch names (``layers.3.self_attn.q_proj.kernel``,
 ``decoder.layers.0.encoder_attn.k_proj.kernel``). The quoted names are the
 intermediates ``Model.forward`` returns; encoder attention maps are
-``[B, heads, 1500, 1500]``, the decoder's ``[B, heads, L, L]`` and ``[B, heads, L, 1500]``.
+``[B, heads, 1500, 1500]``, the decoder's ``[B, heads, L, L]`` and ``[B, heads, L, 1500]``;
+each attention's ``heads`` is its context ``[B, T, heads, head_dim]`` before ``out_proj``
+(``decoder.layers.i.self_attn.heads``, ``decoder.layers.i.encoder_attn.heads`` too).
 Relevance-bearing ops go through :mod:`jaxspeech.layers` / :mod:`jaxspeech.lrp`.
 Greedy decoding runs the decoder step by step on a KV cache
 (:func:`decoder_cache`, :func:`decode_step`).
@@ -168,8 +171,8 @@ class SelfAttention(nn.Module):
         k = layers.Dense(d, use_bias=False, rules=self.rules, name="k_proj")(x)
         v = layers.Dense(d, rules=self.rules, name="v_proj")(x)
         q, k, v = (a.reshape(heads) for a in (q, k, v))
-        context = layers.attention(self, q, k, v, r).reshape(b, t, d)
-        return layers.Dense(d, rules=self.rules, name="out_proj")(context)
+        context = layers.tap(self, "heads", layers.attention(self, q, k, v, r))  # [B, T, H, D]
+        return layers.Dense(d, rules=self.rules, name="out_proj")(context.reshape(b, t, d))
 
 
 class EncoderLayer(nn.Module):
@@ -269,7 +272,7 @@ class DecoderAttention(nn.Module):
                 queries = offset + jnp.arange(length)
                 where = jnp.arange(k.shape[1])[None, :] <= queries[:, None]  # [L, keys]
                 where = where[None, None]
-        context = layers.masked_attention(self, q, k, v, r, where=where)
+        context = layers.tap(self, "heads", layers.masked_attention(self, q, k, v, r, where=where))
         out = layers.Dense(d, rules=self.rules, name="out_proj")(context.reshape(b, length, d))
         return out, cache
 
@@ -350,10 +353,14 @@ def decoder_cache(config: WhisperConfig, params: Mapping, memory: jnp.ndarray,
 
 
 def decode_step(config: WhisperConfig, params: Mapping, tokens: jnp.ndarray, cache: dict,
-                offset) -> tuple[jnp.ndarray, dict]:
+                offset, edits: Mapping | None = None) -> tuple[jnp.ndarray, dict]:
     """``tokens [B, L]`` at positions ``offset .. offset+L-1`` -> ``(logits [B, L, vocab], cache)``;
-    jittable with ``config`` static (``offset`` may be traced)."""
-    return WhisperDecoder(config).apply({"params": params["decoder"]}, tokens, None, cache, offset)
+    jittable with ``config`` static (``offset`` may be traced). ``edits``: the decoder's part
+    of a bound edit tree (:func:`jaxspeech.edits.decoder_step_edits`)."""
+    variables = {"params": params["decoder"]}
+    if edits:
+        variables[layers.EDITS] = edits
+    return WhisperDecoder(config).apply(variables, tokens, None, cache, offset)
 
 
 # one compiled front end per shape (op-by-op dispatch costs as much as the FFTs)
