@@ -452,3 +452,32 @@ def test_encoder_frame_methods_refuse_bad_input(small, deep, wave):
     # the small model's checkpoint heads are tiny.en's, on decoder layers it does not have
     with pytest.raises(ValueError, match="outside the decoder's 1 layers x 2 heads"):
         js.attribute_transcript(small, wave, text=TEXT, method="alignment_heads")
+
+
+@pytest.mark.parametrize("method", ["gradcam", "rollout"])
+def test_map_methods_give_a_batch_what_they_give_each_item_alone(deep, method):
+    """The map-based methods run item by item (one item's attention maps alive at once,
+    ``item_chunk`` at a time): a batch of 3 clips of different lengths and texts gives each
+    item the maps and targets it gets alone, with one item per step and with two (a vmapped
+    pair plus the remainder). Same rules on the same forward, so only float32 reassociation
+    differs (~1e-6 of a map's scale; the bound leaves 10x). Grad-CAM's num_frames are set
+    long, as above, so that relu leaves a map on this random model."""
+    waves = [synth.harmonic_sweep(2.0, 16000).astype(np.float32),
+             synth.noise_bursts(3.0, 16000).astype(np.float32),
+             synth.harmonic_sweep(1.5, 16000, f0=(150.0, 300.0)).astype(np.float32)]
+    texts = [TEXT, "red apples", "seven"]
+    x = deep.features(waves)
+    frames = [3000, 1400, 2400]
+    batches = [js.attribute_transcript(deep, features=x, num_frames=frames, text=texts,
+                                       method=method, item_chunk=k) for k in (1, 2)]
+    for b in range(3):
+        alone = js.attribute_transcript(deep, features=x[b:b + 1], num_frames=frames[b:b + 1],
+                                        text=texts[b], method=method)
+        n = len(alone.tokens[0])
+        ref = np.asarray(alone.frames()[0, :n])
+        assert np.abs(ref).max() > 0
+        for tr in batches:
+            assert tr.tokens[b] == alone.tokens[0]
+            ours = tr.frames()[b, :n]
+            assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max(), (b, method)
+            np.testing.assert_allclose(tr.score[b, :n], alone.score[0], rtol=1e-5, atol=1e-6)
