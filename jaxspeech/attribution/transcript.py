@@ -479,9 +479,15 @@ def _encoder_frame_maps(m, method, args, x, num_frames, n_text, layer, chunk, it
     # maps on a small random model (not yet understood; see the commit message)
     paths = methods.layer_paths(config, x, {"tokens": seq})
     flat = tuple(name for group in names for name in group)
-    return _gradient_rollout(config, params, seq, target_tok, alt, logit, x,
-                             [jnp.zeros(paths[k][1].shape, paths[k][1].dtype) for k in flat],
-                             names, tuple(paths[k][0] for k in flat), chunk, remat)
+    maps, scores = _gradient_rollout(
+        config, params, seq, target_tok, alt, logit, x,
+        [jnp.zeros(paths[k][1].shape, paths[k][1].dtype) for k in flat], names,
+        tuple(paths[k][0] for k in flat), chunk, remat)
+    if bool(jnp.isnan(maps).any()):  # seen on a batch of clips of different lengths
+        raise ValueError(
+            "gradient_rollout gave NaN maps for this batch (a known, not yet understood "
+            "failure on batches of clips of different lengths); explain the clips one at a time")
+    return maps, scores
 
 
 def _spec(spec) -> tuple[tuple[int, ...], str]:
