@@ -227,8 +227,14 @@ def test_integrated_gradients_match_captum_and_are_complete(folders, model, feat
     features = features[:1]
     x = torch.from_numpy(features)
     baseline = torch.full_like(x, float(features.min()))
-    ref = IntegratedGradients(lambda t: tower(input_features=t).audio_embeds @ d).attribute(
-        x, baselines=baseline, n_steps=32, method="gausslegendre").detach().numpy()
+    def f(t):
+        return tower(input_features=t).audio_embeds @ d
+
+    ref, delta = IntegratedGradients(f).attribute(
+        x, baselines=baseline, n_steps=32, method="gausslegendre", return_convergence_delta=True)
+    ref = ref.detach().numpy()
+    with torch.no_grad():
+        ref_gap = np.abs(delta.numpy()) / np.abs((f(x) - f(baseline)).numpy())
     res = js.attribute(model, features=features, target=direction_target(direction),
                        method="integrated_gradients")  # defaults: 32 steps, min baseline
     gap = np.asarray(res.extras["completeness_gap"])
@@ -236,9 +242,12 @@ def test_integrated_gradients_match_captum_and_are_complete(folders, model, feat
           f"{corr(res.relevance, ref):.8f}, completeness gap {gap}")
     # DESIGN's 1e-4 (was 1e-3, no origin given); measured 5e-7
     assert rel(res.relevance, ref) <= 1e-4
-    # (ΣR - Δscore)/|Δscore|: 32 Gauss-Legendre nodes on a smooth (GELU) path: measured
-    # 5.8e-4. 1 %: what 32 steps promise (ECAPA's ReLU kinks need most of it)
-    assert np.all(np.abs(gap) < 0.01)
+    # (ΣR - Δscore)/|Δscore| is a property of the model's path and the 32 nodes, not of the
+    # port (4.5 % on this random tower, 0.06 % on an earlier draw of its weights): it must be
+    # the reference's own gap, captum's convergence delta on the same nodes. The relevance
+    # agrees to 1e-4 of its largest value above; summed over the features that leaves the
+    # gaps within 1e-3 of |Δscore|
+    assert np.allclose(np.abs(gap), ref_gap, rtol=0, atol=1e-3), (gap, ref_gap)
 
 
 # --- rollout: the windowed vector products against dense T x T matrices ----------------------
