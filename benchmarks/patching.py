@@ -19,16 +19,17 @@ patched layer on plus the whole decoder. A site is one head's context (before
 2. ``jax loop``: ``m.apply(m.params, x, tokens=..., edits={site: js.edits.patch(corrupt, mask)})``
    per site (compiled once per layer, the mask traced), plus the corrupt forward.
 3. ``torch loop``: transformers' ``WhisperForConditionalGeneration`` holding the same weights
-   (:func:`jaxspeech.convert.whisper.hf_torch_model`), a forward pre-hook on the layer's
+   (:func:`jaxspeech.convert.whisper.hf_torch_model`, SDPA attention), a forward pre-hook on the layer's
    ``self_attn.out_proj`` putting the corrupt run's head context in place, one forward per
    site under ``torch.inference_mode``, plus the corrupt forward that records the contexts.
 
 Each contender runs in its own process on ``--threads`` cores: a warm-up (jaxspeech's
 compiles; their time is reported apart), then ``--repeats`` timed runs (median wall and CPU
-time; on a shared machine CPU time is the steady number). The jaxspeech contenders also report
-XLA's count of the floating-point operations of their compiled programs (cost analysis), so
-the best ratio arithmetic allows, the loop's FLOPs over the one call's, is printed beside the
-measured one.
+time; on a shared machine CPU time is the steady number). Every contender computes the clean
+and corrupt targets too. The multiply-adds of the loop and of the one call, counted from the
+config (:func:`macs`), give the best ratio arithmetic allows on hardware that runs both at the
+same speed per MAC (a CPU, where a batch-1 forward already keeps the cores busy); it is
+printed beside the measured one.
 """
 
 from __future__ import annotations
@@ -77,9 +78,24 @@ def _target(position: int, token: int):
                              {"position": np.int32(position), "token": np.int32(token)})
 
 
-def _flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+def macs(config, layers: int, tokens: int) -> dict[str, float]:
+    """Multiply-adds of the programs, counted from the config (XLA's cost analysis counts a
+    ``lax.map`` body once, so it misses most of the tiled attention): a forward ``F``, and the
+    one call = the clean and corrupt forwards + per patched layer l its attention once and, per
+    head, the rest of layer l from ``out_proj`` on, the layers after it and the decoder."""
+    t, d, f, n = config.max_source_positions, config.d_model, config.encoder_ffn_dim, tokens
+    qkv, core, out, ffn = 3 * t * d * d, 2 * t * t * d, t * d * d, 2 * t * d * f
+    layer = qkv + core + out + ffn
+    conv = 2 * t * 3 * config.n_mels * d + t * 3 * d * d
+    dec_layer = (4 * n * d * d + 2 * n * n * d + 2 * n * d * d + 2 * t * d * d + 2 * n * t * d
+                 + 2 * n * d * config.decoder_ffn_dim)
+    dec = config.decoder_layers * dec_layer + n * d * config.vocab_size
+    forward = conv + config.encoder_layers * layer + dec
+    heads = config.encoder_attention_heads
+    one = 2 * forward + sum(qkv + core + heads * (out + ffn + (config.encoder_layers - 1 - i)
+                                                  * layer + dec) for i in range(layers))
+    return {"forward": forward, "one_call": one, "loop": (2 + heads * layers) * forward,
+            "decoder": dec}
 
 
 def _sites(m, layers: int):
@@ -89,13 +105,10 @@ def _sites(m, layers: int):
 
 
 def run_one_call(args) -> dict:
-    import importlib
-
     import jax
 
     import jaxspeech as js
 
-    P = importlib.import_module("jaxspeech.patching")  # js.patching is the function
     m, x, xr, tokens, position, token = _setup(args.model)
     target, sites = _target(position, token), _sites(m, args.layers)
 
@@ -107,20 +120,10 @@ def run_one_call(args) -> dict:
     first, _ = timed(call, pause=0)
     wall, cpu = timed(call, args.repeats)
     (patched, res) = call()
-    # XLA's FLOP count of the compiled one-call program (the same lowering as the call's)
-    import jax.numpy as jnp
-
-    table = js.edits.site_table(m.config, x, {"tokens": tokens})
-    order = table.names
-    plan = P._Plan(sites.names, tuple(tuple(a for a in order[:order.index(n)] if a in table.plain)
-                                      for n in sites.names), False, True, False, args.chunk)
-    kw = {"tokens": jnp.asarray(tokens)}
-    flops = _flops(P._patching.lower(m.config, plan, m.params, x, kw, xr, kw, target, None,
-                                     tuple(jnp.asarray(s) for s in sites.masks)).compile())
-    return {"compile_s": first - wall, "wall_s": wall, "cpu_s": cpu, "flops": flops,
+    return {"compile_s": first - wall, "wall_s": wall, "cpu_s": cpu,
             "patched": np.asarray(patched)[0].tolist(), "clean": float(res.clean[0]),
             "corrupt": float(res.corrupt[0]), "peak_mb": peak_rss_mb(),
-            "labels": list(sites.labels)}
+            "labels": list(sites.labels), "tokens": int(tokens.shape[1])}
 
 
 def run_jax_loop(args) -> dict:
@@ -128,12 +131,12 @@ def run_jax_loop(args) -> dict:
     import jax.numpy as jnp
 
     import jaxspeech as js
-    from jaxspeech.model import _apply
 
     m, x, xr, tokens, position, token = _setup(args.model)
     target, sites = _target(position, token), _sites(m, args.layers)
 
     def call():
+        clean = target(m.apply(m.params, x, tokens=tokens), {})
         _, inter = m.forward(m.params, xr, tokens=tokens)
         out = []
         for name, masks in zip(sites.names, sites.masks, strict=True):
@@ -141,18 +144,12 @@ def run_jax_loop(args) -> dict:
                 y = m.apply(m.params, x, tokens=tokens,
                             edits={name: js.edits.patch(inter[name], mask)})
                 out.append(target(y, {}))
-        return jax.block_until_ready(jnp.stack(out, axis=1))
+        return jax.block_until_ready((clean, jnp.stack(out, axis=1)))[1]
 
     first, _ = timed(call, pause=0)
     wall, cpu = timed(call, args.repeats)
-    patched = call()
-    name = sites.names[0]
-    _, inter = m.forward(m.params, xr, tokens=tokens)
-    kw = {"tokens": jnp.asarray(tokens)}
-    bound = js.edits.bind(m.config, {name: js.edits.patch(inter[name], sites.masks[0][0])}, x, kw)
-    one = _flops(_apply.lower(m.config, m.params, x, kw, edits=bound).compile())
-    return {"compile_s": first - wall, "wall_s": wall, "cpu_s": cpu, "flops_per_site": one,
-            "patched": np.asarray(patched)[0].tolist(), "peak_mb": peak_rss_mb()}
+    return {"compile_s": first - wall, "wall_s": wall, "cpu_s": cpu,
+            "patched": np.asarray(call())[0].tolist(), "peak_mb": peak_rss_mb()}
 
 
 def run_torch_loop(args) -> dict:
@@ -162,6 +159,7 @@ def run_torch_loop(args) -> dict:
 
     m, x, xr, tokens, position, token = _setup(args.model)
     hf = hf_torch_model(m.params, m.config, m.extras.get("generation"))
+    hf.config._attn_implementation = "sdpa"  # torch's fused attention, its fastest CPU path
     layers, heads = args.layers, m.config.encoder_attention_heads
     x_t, xr_t = (torch.from_numpy(np.asarray(a)) for a in (x, xr))
     ids = torch.from_numpy(tokens).long()
@@ -176,6 +174,7 @@ def run_torch_loop(args) -> dict:
             hf(input_features=xr_t, decoder_input_ids=ids)
             for h in handles:
                 h.remove()
+            hf(input_features=x_t, decoder_input_ids=ids)  # the clean run, for the effects
             out = []
             for i in range(layers):
                 out_proj = hf.model.encoder.layers[i].self_attn.out_proj
@@ -241,22 +240,24 @@ def main() -> None:
     results = {c: spawn(args, c) for c in (args.only or CONTENDERS)}
     one = results.get("one call")
     n = len(one["labels"]) if one else None
-    print("| contender | wall s | CPU s | CPU ratio to one call | compile s | XLA GFLOP | "
+    print("| contender | wall s | CPU s | CPU ratio to one call | compile s | "
           "max |diff| to one call | peak MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        flops = r.get("flops") or (r.get("flops_per_site") and r["flops_per_site"] * (n or 0))
         diff = np.abs(np.asarray(r["patched"]) - np.asarray(one["patched"])).max() if one else np.nan
         ratio = r["cpu_s"] / one["cpu_s"] if one else np.nan
         print(f"| {name} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {ratio:.2f} | "
-              f"{r.get('compile_s', 0):.1f} | {flops / 1e9 if flops else float('nan'):.0f} | "
-              f"{diff:.1e} | {r['peak_mb']:.0f} |")
-    if one and "jax loop" in results:
-        loop = results["jax loop"]["flops_per_site"] * n
-        print(f"\n{n} sites. Arithmetic bound on one call vs the jax loop: loop FLOPs / one-call "
-              f"FLOPs = {loop / 1e9:.0f} / {one['flops'] / 1e9:.0f} G = {loop / one['flops']:.2f}x "
-              f"(the loop's single-patch program: {results['jax loop']['flops_per_site'] / 1e9:.1f} "
-              f"GFLOP per site, the corrupt forward not counted)")
+              f"{r.get('compile_s', 0):.1f} | {diff:.1e} | {r['peak_mb']:.0f} |")
+    if one:
+        from jaxspeech.models.whisper import PRESETS
+
+        config = PRESETS["whisper-base" if args.model == "base" else "whisper-tiny.en"]
+        c = macs(config, args.layers, one["tokens"])
+        print(f"\n{n} sites. Arithmetic: a forward is {c['forward'] / 1e9:.1f} GMAC (the decoder "
+              f"{c['decoder'] / 1e9:.1f} of it, mostly the cross-attention keys and values of "
+              f"1500 frames); the loop runs {n} + 2 of them, {c['loop'] / 1e9:.0f} GMAC; the one "
+              f"call {c['one_call'] / 1e9:.0f} GMAC. Bound on the ratio of the two at equal "
+              f"speed per MAC: {c['loop'] / c['one_call']:.2f}x")
     if one:
         eff = np.asarray(one["patched"]) - one["clean"]
         top = np.argsort(eff)[:5]

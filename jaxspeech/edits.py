@@ -218,8 +218,9 @@ def _mean(value, args, **context):
 
 def mean(statistic=None) -> Edit:
     """Mean ablation. Without ``statistic``: every frame (token) of an item replaced by that
-    item's mean over frames (axis 1). With it: the value replaced by ``statistic``
-    broadcast (a dataset mean, :func:`site_mean`: ``[D]``, or ``[T, D]`` per frame)."""
+    item's mean over frames (axis 1, all frames: a padded ECAPA item's padding included; on
+    an attention map ``[B, heads, T, T]`` axis 1 is the heads). With it: the value replaced
+    by ``statistic`` broadcast (a dataset mean, :func:`site_mean`: ``[D]``, or ``[T, D]``)."""
     args = {} if statistic is None else {"statistic": jnp.asarray(statistic, jnp.float32)}
     return Edit(_mean, args, "mean")
 
@@ -241,11 +242,11 @@ def keep_frames(mask, fill=None) -> Edit:
     """Keep the frames (tokens) where ``mask [frames]`` (or ``[B, frames]``, bool) is True;
     the others become ``fill`` (default 0; an array broadcasting to the value, e.g. a
     :func:`site_mean` statistic)."""
-    mask = np.asarray(mask)
-    if mask.dtype != np.bool_ or mask.ndim not in (1, 2):
+    mask = jnp.asarray(mask)  # may be traced (a batch of masks under vmap)
+    if mask.dtype != jnp.bool_ or mask.ndim not in (1, 2):
         raise ValueError(f"keep_frames needs a boolean [frames] or [batch, frames] mask, got "
                          f"{mask.dtype} {mask.shape}")
-    args = {"mask": jnp.asarray(mask)}
+    args = {"mask": mask}
     if fill is not None:
         args["fill"] = jnp.asarray(fill, jnp.float32)
     return Edit(_keep, args, "keep_frames")
@@ -266,10 +267,16 @@ def project_out(direction) -> Edit:
     :class:`~jaxspeech.probe.Probe` gives its weight's columns (the directions its logits
     read), so ``project_out(probe)`` blinds the probe at its layer."""
     weight = getattr(direction, "weight", None)
-    d = np.asarray(weight, np.float64).T if weight is not None else np.asarray(direction, np.float64)
-    d = np.atleast_2d(d)
-    if d.ndim != 2 or not np.isfinite(d).all() or not np.abs(d).sum():
-        raise ValueError(f"project_out needs a non-zero [D] or [k, D] direction, got shape {d.shape}")
+    d = jnp.asarray(direction if weight is None else jnp.asarray(weight).T)
+    d = d[None] if d.ndim == 1 else d
+    if d.ndim != 2:
+        raise ValueError(f"project_out needs a [D] or [k, D] direction, got shape {d.shape}")
+    if isinstance(d, jax.core.Tracer):  # traced (vmapped directions): independent ones assumed
+        q, _ = jnp.linalg.qr(d.T.astype(jnp.float32))
+        return Edit(_project, {"basis": q.T}, "project_out")
+    d = np.asarray(d, np.float64)
+    if not np.isfinite(d).all() or not np.abs(d).sum():
+        raise ValueError(f"project_out needs a finite, non-zero direction, got {d.shape} values")
     q, r = np.linalg.qr(d.T)  # orthonormal basis of the span, dropping dependent directions
     keep = np.abs(np.diag(r)) > 1e-10 * np.abs(r).max()
     return Edit(_project, {"basis": jnp.asarray(q[:, keep].T, jnp.float32)}, "project_out")
@@ -686,10 +693,12 @@ def submodule(model, path: str) -> Submodule:
         m = context.module
         if context.method_name == "__call__" and ".".join(str(p) for p in m.path) == path \
                 and "module" not in found:
+            def spec(tree):  # shapes only: the values are tracers of this trace
+                return jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
+                                    if hasattr(a, "shape") else a, tree)
+
             found.update(module=m.clone(parent=None, name=None), path=tuple(str(p) for p in m.path),
-                         args=jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
-                                           if hasattr(a, "shape") else a, args),
-                         kwargs=dict(kw))
+                         args=spec(args), kwargs=spec(dict(kw)))
         return next_fun(*args, **kw)
 
     def run(p, x):

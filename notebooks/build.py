@@ -789,11 +789,11 @@ INTERVENTIONS = [
     md("""
         ## ECAPA-TDNN: which blocks carry the speaker?
 
-        A trial: the enrolment is the first 1.6 s of one voice, the test clip the next 2 s of the
+        A trial: the enrolment is the first 2 s of one voice, the test clip the next 2 s of the
         same voice; the corrupted test clip is 2 s of another voice. The target is the cosine
         score of the test embedding against the enrolment's
-        (`js.targets.cosine_similarity`). Sites: each block's output, whole, and in four
-        blocks of frames.
+        (`js.targets.cosine_similarity`). Sites: the first block's, the third block's and
+        `mfa`'s outputs whole, and the third block's in four stretches of frames.
     """),
     code("""
         from jaxspeech.data.reference_checkpoints import ECAPA_SMALL, write_ecapa
@@ -803,15 +803,14 @@ INTERVENTIONS = [
         # e = js.load("/path/to/spkrec-ecapa-voxceleb")   # a real checkpoint: the same calls
         e = js.load(ckpt)
         a_voice, b_voice = clips["stella_rp"].read(), clips["david_nyc"].read()
-        enrol = a_voice[:int(1.6 * sr)]
-        test, impostor = (v[int(1.6 * sr):int(3.6 * sr)][None] for v in (a_voice, b_voice))
-        trial = js.targets.cosine_similarity(np.asarray(e(enrol[None]))[0])
+        enrol, test, impostor = (v[None, int(a * sr):int(b * sr)] for v, a, b in
+                                 ((a_voice, 0, 2), (a_voice, 2, 4), (b_voice, 2, 4)))
+        trial = js.targets.cosine_similarity(np.asarray(e(enrol))[0])
 
-        blocks = [f"embedding_model.blocks.{i}.hidden_state" for i in range(4)]
-        blocks.append("embedding_model.mfa.hidden_state")
+        blocks = [f"embedding_model.{b}.hidden_state" for b in ("blocks.0", "blocks.2", "mfa")]
         feats, feat_kwargs = e.prepare(test)
         sites = js.Sites.whole(e, blocks, features=feats, **feat_kwargs) + js.Sites.frames(
-            e, blocks[2:3], block=-(-feats.shape[1] // 4), features=feats, **feat_kwargs)
+            e, blocks[1:2], block=-(-feats.shape[1] // 4), features=feats, **feat_kwargs)
         res_e = js.patching(e, test, impostor, trial, sites)
         print(f"cosine score: same voice {float(res_e.clean[0]):.4f}, other voice "
               f"{float(res_e.corrupt[0]):.4f}")
@@ -825,13 +824,12 @@ INTERVENTIONS = [
     md("""
         Random-weight embeddings are all alike (the two scores differ in the third decimal),
         so the effects are small; what the table shows is the structure of the model. Patching
-        block 0 or block 1 whole, or `mfa`, gives exactly the other voice's score (share 1.00):
-        everything after them is computed from them alone. Blocks 2 and 3 are different:
-        `mfa` concatenates blocks 1–3, so patching one of them hands `mfa` a mixture of the two
-        voices that neither run produces, and its share is not bounded by 1. Splitting block 2
-        into four stretches of frames shows where in time the difference enters. With a
-        trained checkpoint the same calls tell which blocks and which stretches carry the
-        speaker.
+        block 0 whole, or `mfa`, gives exactly the other voice's score (share 1.00): everything
+        after them is computed from them alone. Block 2 is different: `mfa` concatenates blocks
+        1–3, so patching block 2 hands `mfa` a mixture of the two voices that neither run
+        produces, and its share is not bounded by 1. Splitting block 2 into four stretches of
+        frames shows where in time the difference enters. With a trained checkpoint the same
+        calls tell which blocks and which stretches carry the speaker.
     """),
 ]
 
