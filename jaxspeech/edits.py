@@ -665,18 +665,10 @@ def _relative_paths(module, args, kwargs, params) -> dict[str, tuple[str, ...]]:
         return module.apply({"params": p}, *a, **kw,
                             mutable=["intermediates", layers.KEEP_ATTENTION_MAPS])[1]
 
+    from jaxspeech.model import intermediate_paths
+
     tree = jax.eval_shape(run, params, args, kwargs).get("intermediates", {})
-    out = {}
-
-    def walk(node, path):
-        for key, value in node.items():
-            if isinstance(value, Mapping):
-                walk(value, path + (key,))
-            else:
-                out[".".join(path + (key,))] = path + (key,)
-
-    walk(tree, ())
-    return out
+    return {name: path for name, (path, _) in intermediate_paths(tree).items()}
 
 
 def submodule(model, path: str) -> Submodule:

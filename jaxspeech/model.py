@@ -144,6 +144,22 @@ def flatten_intermediates(tree: Mapping) -> dict[str, jnp.ndarray]:
     return flat
 
 
+def intermediate_paths(tree: Mapping) -> dict[str, tuple[tuple[str, ...], Any]]:
+    """A nested ``sow`` collection -> ``{"layers.0.hidden_state": (("layers.0",
+    "hidden_state"), what was sown), ...}``: each name with its key path in the tree."""
+    out = {}
+
+    def walk(node, path):
+        for key, value in node.items():
+            if isinstance(value, Mapping):
+                walk(value, path + (key,))
+            else:
+                out[".".join(path + (key,))] = (path + (key,), value)
+
+    walk(tree, ())
+    return out
+
+
 def _init_example(config):
     family = family_of(config)
     spec, kwargs = family.example_features(config, 1)

@@ -24,7 +24,7 @@ import numpy as np
 from jaxspeech import lrp
 from jaxspeech.attribution.targets import Target, unknown_layer_message
 from jaxspeech.layers import KEEP_ATTENTION_MAPS
-from jaxspeech.model import _module, family_of, flatten_intermediates, param_shapes
+from jaxspeech.model import _module, family_of, flatten_intermediates, intermediate_paths, param_shapes
 
 __all__ = ["gradient", "integrated_gradients", "smoothgrad", "gradcam", "gradcam_map", "rollout",
            "gradient_rollout", "layer_names", "ig_nodes"]
@@ -138,17 +138,7 @@ def layer_paths(config, x, kwargs) -> dict[str, tuple[tuple[str, ...], jax.Shape
     """``{"layers.3.hidden_state": (("layers.3", "hidden_state"), spec), ...}`` for every
     intermediate of the model on inputs shaped like ``x``."""
     tree = _intermediate_tree(config, x, kwargs).get("intermediates", {})
-    out = {}
-
-    def walk(node, path):
-        for key, value in node.items():
-            if isinstance(value, Mapping):
-                walk(value, path + (key,))
-            else:
-                out[".".join(path + (key,))] = (path + (key,), value[0])
-
-    walk(tree, ())
-    return out
+    return {name: (path, sown[0]) for name, (path, sown) in intermediate_paths(tree).items()}
 
 
 def layer_names(config, x, kwargs=None) -> list[str]:
