@@ -28,6 +28,29 @@ __all__ = ["lxt_whisper_encoder", "lxt_whisper_relevance", "lxt_whisper",
 
 
 @contextlib.contextmanager
+def _lxt_attention(hf_module, cp: bool) -> Iterator:
+    """LXT's attention patch on a transformers model file (``modeling_whisper``,
+    ``modeling_clap``), undone exactly on exit. ``patch_attention`` rebinds the file's
+    ``ALL_ATTENTION_FUNCTIONS`` to a plain dict snapshot and ``patch_cp_attention`` writes
+    into its local overrides; either, left behind, hides every attention function registered
+    later (``AttentionInterface.register``) from that model file for the rest of the process.
+    So the table object and its local overrides are put back, not copied into."""
+    import lxt.efficient.patches as patches
+
+    table = hf_module.ALL_ATTENTION_FUNCTIONS
+    local = dict(getattr(table, "_local_mapping", {}))
+    eager = hf_module.eager_attention_forward
+    try:
+        (patches.patch_cp_attention if cp else patches.patch_attention)(hf_module)
+        yield
+    finally:
+        hf_module.eager_attention_forward = eager
+        hf_module.ALL_ATTENTION_FUNCTIONS = table
+        if hasattr(table, "_local_mapping"):
+            table._local_mapping = local
+
+
+@contextlib.contextmanager
 def lxt_whisper(folder, cp: bool = False, part: str = "conditional") -> Iterator:
     """``transformers``' Whisper of the HF folder (eager attention, eval mode) with LXT's AttnLRP
     (``cp=False``) or CP-LRP (``cp=True``) rules patched in; every patch is undone on exit.
@@ -42,7 +65,6 @@ def lxt_whisper(folder, cp: bool = False, part: str = "conditional") -> Iterator
     from transformers import WhisperForConditionalGeneration, WhisperModel
 
     gelu = torch.nn.functional.gelu
-    saved = hf_whisper.eager_attention_forward, dict(hf_whisper.ALL_ATTENTION_FUNCTIONS)
     torch.nn.functional.gelu = lambda x, *a, **k: identity_rule_implicit(gelu, x)
     try:  # the model is built inside the patch: GELUActivation captures F.gelu at init
         if part == "encoder":
@@ -51,16 +73,13 @@ def lxt_whisper(folder, cp: bool = False, part: str = "conditional") -> Iterator
             model = WhisperForConditionalGeneration.from_pretrained(
                 folder, attn_implementation="eager")
         model.eval().requires_grad_(False)  # as LXT's quick start: input gradients only
-        (patches.patch_cp_attention if cp else patches.patch_attention)(hf_whisper)
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.forward = types.MethodType(patches.layer_norm_forward, module)
-        yield model
+        with _lxt_attention(hf_whisper, cp):
+            for module in model.modules():
+                if isinstance(module, torch.nn.LayerNorm):
+                    module.forward = types.MethodType(patches.layer_norm_forward, module)
+            yield model
     finally:
         torch.nn.functional.gelu = gelu
-        hf_whisper.eager_attention_forward = saved[0]
-        hf_whisper.ALL_ATTENTION_FUNCTIONS.clear()
-        hf_whisper.ALL_ATTENTION_FUNCTIONS.update(saved[1])
 
 
 @contextlib.contextmanager
@@ -137,9 +156,6 @@ def lxt_clap(folder, cp: bool = False) -> Iterator:
     from lxt.efficient.rules import divide_gradient, identity_rule_implicit, stop_gradient
     from transformers import ClapModel
 
-    # patch_attention rebinds the module's table, patch_cp_attention edits the shared one
-    saved = (hf_clap.eager_attention_forward, hf_clap.ALL_ATTENTION_FUNCTIONS,
-             dict(hf_clap.ALL_ATTENTION_FUNCTIONS))
     model = ClapModel.from_pretrained(folder, attn_implementation="eager")
     model.eval().requires_grad_(False)
 
@@ -147,8 +163,7 @@ def lxt_clap(folder, cp: bool = False) -> Iterator:
         forward = module.forward
         module.forward = (lambda x: around(forward, x)) if around else (lambda x: rule(forward(x)))
 
-    try:
-        (patches.patch_cp_attention if cp else patches.patch_attention)(hf_clap)
+    with _lxt_attention(hf_clap, cp):
         for module in model.modules():
             if isinstance(module, hf_clap.ClapAudioSelfAttention):
                 q_k = stop_gradient if cp else (lambda t: divide_gradient(t, 4))
@@ -165,9 +180,6 @@ def lxt_clap(folder, cp: bool = False) -> Iterator:
             elif isinstance(module, torch.nn.LayerNorm):
                 module.forward = types.MethodType(patches.layer_norm_forward, module)
         yield model
-    finally:
-        hf_clap.eager_attention_forward, hf_clap.ALL_ATTENTION_FUNCTIONS = saved[:2]
-        hf_clap.ALL_ATTENTION_FUNCTIONS.update(saved[2])
 
 
 def lxt_clap_match_relevance(folder, features: np.ndarray, input_ids: np.ndarray,
