@@ -33,6 +33,29 @@ def rules_at(module: nn.Module, rules: Rules) -> Rules:
     return None if rules is None else rules.at(layer_path(module))
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_dtype(dtype: str) -> str:
+    """A config's ``dtype`` field, validated: the dtype the model computes in."""
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(COMPUTE_DTYPES)} (the "
+                         f"compute dtype; params stay float32)")
+    return dtype
+
+
+def to_compute(config, x: jnp.ndarray) -> jnp.ndarray:
+    """A model's input in its config's compute ``dtype`` (mixed precision: params stay
+    float32 and each linear map casts them to the activation's dtype; LayerNorm
+    statistics and softmax run in float32)."""
+    return x.astype(getattr(config, "dtype", "float32"))
+
+
+def to_output(x: jnp.ndarray) -> jnp.ndarray:
+    """A model's output (and the values targets read) back in float32."""
+    return x.astype(jnp.float32)
+
+
 def per_channel(v: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray:
     """A ``[C]`` vector shaped to broadcast over ``like [..., C]`` (explicit ranks: the
     tests run with rank promotion set to raise)."""
@@ -115,7 +138,8 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        d = x.shape[-1]
+        d, dtype = x.shape[-1], x.dtype
+        x = x.astype(jnp.float32)  # the statistics in float32 under mixed precision
         mean = jnp.mean(x, axis=-1, keepdims=True)
         centred = x - mean
         var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
@@ -123,7 +147,7 @@ class LayerNorm(nn.Module):
         y = centred / std
         if self.use_scale:
             y = y * per_channel(self.param("scale", nn.initializers.ones, (d,)), y)
-        return y + per_channel(self.param("bias", nn.initializers.zeros, (d,)), y)
+        return (y + per_channel(self.param("bias", nn.initializers.zeros, (d,)), y)).astype(dtype)
 
 
 class BatchNorm(nn.Module):
@@ -142,7 +166,8 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,))
         mean = self.param("mean", nn.initializers.zeros, (c,))
         var = self.param("var", nn.initializers.ones, (c,))
-        scale = scale / jnp.sqrt(var + self.epsilon)
+        scale, mean, bias = (p.astype(x.dtype) for p in (scale / jnp.sqrt(var + self.epsilon),
+                                                          mean, bias))
         return (x - per_channel(mean, x)) * per_channel(scale, x) + per_channel(bias, x)
 
 

@@ -215,11 +215,12 @@ def bilinear(equation: str, a: jnp.ndarray, b: jnp.ndarray,
 
 
 def softmax(x: jnp.ndarray, axis: int = -1, where: jnp.ndarray | None = None) -> jnp.ndarray:
-    """Softmax; entries where ``where`` is False get probability 0 (and no relevance)."""
-    if where is None:
-        return jax.nn.softmax(x, axis=axis)
-    x = jnp.where(where, x, -jnp.inf)
-    return jax.nn.softmax(x, axis=axis)
+    """Softmax; entries where ``where`` is False get probability 0 (and no relevance).
+    Computed in float32 whatever ``x``'s dtype (bfloat16's 8-bit mantissa cannot hold the
+    exponentials' sum over 1500 keys), returned in ``x``'s dtype."""
+    if where is not None:
+        x = jnp.where(where, x, -jnp.inf)
+    return jax.nn.softmax(x.astype(jnp.float32), axis=axis).astype(x.dtype)
 
 
 def attention_weights(scores: jnp.ndarray, rules: RuleSet | None = None,
@@ -261,7 +262,7 @@ def _attention_shares(rules: RuleSet | None) -> tuple[float, float]:
 
 
 def _tile_probs(qi, kh):
-    return jax.nn.softmax(jnp.einsum("qd,kd->qk", qi, kh, precision="highest"), axis=-1)
+    return softmax(jnp.einsum("qd,kd->qk", qi, kh, precision="highest"))
 
 
 def _tiles(x, block):
@@ -439,6 +440,10 @@ def linear(fn: LinearFn, x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray | None =
     Rules define the relevance of the *input*; the cotangents of ``w`` and ``b``
     under ε/γ/z+ are zero (attribution never trains).
     """
+    # mixed precision: params are stored in float32 and the map runs in the activation's
+    # dtype (bfloat16 / float16 when the model computes in it; a no-op in float32)
+    w = w.astype(x.dtype)
+    b = None if b is None else b.astype(x.dtype)
     kind = _field(rules, "linear")
     if kind == "gradient":
         return fn(x, w, b)

@@ -13,6 +13,7 @@ example input looks like. :class:`Model` binds a config and params to it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -227,6 +228,26 @@ class Model:
     def n_params(self) -> int:
         return count_params(self.params)
 
+    @property
+    def dtype(self) -> str:
+        """The compute dtype (``config.dtype``); params are float32 whatever it is."""
+        return self.config.dtype
+
+    def astype(self, dtype: str) -> Model:
+        """The same model computing in ``dtype`` (``"float32"``, ``"bfloat16"``,
+        ``"float16"``): mixed precision, with params, inputs, outputs, LayerNorm
+        statistics and softmax in float32, every linear map and product in ``dtype``; the
+        relevance of every method (x·∂y/∂x at the float32 input) stays float32. A CLAP
+        text tower follows."""
+        dtype = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+        layers.check_dtype(dtype)
+        text = self.text
+        if text is not None:
+            text = copy.copy(text)
+            text.config = dataclasses.replace(text.config, dtype=dtype)
+        return Model(dataclasses.replace(self.config, dtype=dtype), self.params,
+                     source=self.source, extras=self.extras, text=text)
+
     def __repr__(self) -> str:
         return (f"Model({self.kind}, {self.n_params:,} params, {self.sample_rate} Hz, "
                 f"config={self.config})")
@@ -294,7 +315,8 @@ class Model:
 
 def init(name: str, seed: int = 0, **overrides) -> Model:
     """A named preset with random weights: ``init("whisper-base")``; fields may be overridden
-    (``init("whisper-tiny", encoder_layers=2)``)."""
+    (``init("whisper-tiny", encoder_layers=2)``; ``dtype="bfloat16"`` computes in bfloat16,
+    :meth:`Model.astype`)."""
     table = presets()
     if name not in table:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(table))}")

@@ -41,11 +41,15 @@ def converter_for(path: str) -> tuple[str, ModuleType]:
         f"SpeechBrain folder (hyperparams.yaml + embedding_model.ckpt)")
 
 
-def load(path: str | os.PathLike) -> Model:
-    """Load any supported checkpoint; the kind is detected from the files."""
+def load(path: str | os.PathLike, dtype: str | None = None) -> Model:
+    """Load any supported checkpoint; the kind is detected from the files. ``dtype``: the
+    compute dtype (``"bfloat16"``, ``"float16"``; params stay float32, see
+    :meth:`Model.astype`); ``None`` keeps the checkpoint's (float32 unless saved otherwise)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such checkpoint: {path}")
     if orbax_io.detect(path):
-        return orbax_io.load(path)
-    return converter_for(path)[1].load(path)
+        model = orbax_io.load(path)
+    else:
+        model = converter_for(path)[1].load(path)
+    return model if dtype is None else model.astype(dtype)

@@ -90,8 +90,11 @@ class ClapConfig:
     truncation: str = "rand_trunc"
     padding: str = "repeatpad"
     normalize: bool = True
+    # the compute dtype (mixed precision; params stay float32): "float32", "bfloat16", "float16"
+    dtype: str = "float32"
 
     def __post_init__(self):
+        layers.check_dtype(self.dtype)
         problems = []
         if self.truncation not in frontend.TRUNCATIONS:
             problems.append(f"truncation={self.truncation!r} (expected one of {frontend.TRUNCATIONS})")
@@ -292,6 +295,7 @@ class WindowAttention(nn.Module):
                              (2, 0, 1))[None]  # [1, heads, n, n]
         if mask is not None:  # the same -100 mask for every head: [windows, 1, n, n]
             bias = bias + jnp.asarray(mask)[:, None]
+        bias = bias.astype(scores.dtype)
         probs = layers.tap(self, "attention", lrp.attention_weights(scores + bias[None], r))
         context = lrp.bilinear("bwhqk,bwhkd->bwhqd", probs, v, r)
         context = layers.tap(self, "heads", context.transpose(0, 1, 3, 2, 4))  # [B, W, n, heads, D]
@@ -438,7 +442,7 @@ class HTSATEncoder(nn.Module):
                 f"channel(s)), got {tuple(features.shape)}; use m.features(wave)")
         if cfg.enable_fusion and is_longer is None:
             raise ValueError("a fused CLAP model needs is_longer [batch] (m.prepare returns it)")
-        x = layers.BatchNorm(rules=self.rules, name="batch_norm")(features)
+        x = layers.BatchNorm(rules=self.rules, name="batch_norm")(layers.to_compute(cfg, features))
         x = self.mel_to_image(x)
         x = PatchEmbed(cfg, self.rules, name="patch_embed")(x, is_longer)
         block = nn.remat(SwinBlock) if self.remat else SwinBlock
@@ -474,6 +478,7 @@ class ClapAudio(nn.Module):
         y = layers.Dense(cfg.projection_dim, rules=self.rules, name="audio_projection.linear1")(pooled)
         y = layers.Dense(cfg.projection_dim, rules=self.rules, name="audio_projection.linear2")(
             layers.relu(y, r))
+        y = layers.to_output(y)
         if cfg.normalize:  # F.normalize: x / max(||x||, 1e-12)
             norm = jnp.sqrt(jnp.sum(jnp.square(y), axis=-1, keepdims=True))
             y = y / lrp.norm_std(jnp.maximum(norm, 1e-12), r)

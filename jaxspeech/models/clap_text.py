@@ -61,8 +61,11 @@ class ClapTextConfig:
     projection_hidden_act: str = "relu"
     pad_token_id: int = 1
     position_embedding_type: str = "absolute"
+    # the compute dtype (mixed precision; params stay float32): "float32", "bfloat16", "float16"
+    dtype: str = "float32"
 
     def __post_init__(self):
+        layers.check_dtype(self.dtype)
         problems = []
         if self.hidden_size % self.num_attention_heads:
             problems.append(f"hidden_size={self.hidden_size} not divisible by "
@@ -203,6 +206,7 @@ class ClapText(nn.Module):
         x = layers.LayerNorm(cfg.layer_norm_eps, rules=self.rules,
                              name="text_model.embeddings.LayerNorm")(
             inputs_embeds + token_type + positions)
+        x = layers.to_compute(cfg, x)  # the embeddings' sum in float32, the layers in dtype
         keys = attention_mask.astype(bool)
         for i in range(cfg.num_hidden_layers):
             x = TextLayer(cfg, self.rules, name=f"text_model.encoder.layer.{i}")(x, keys)
@@ -213,6 +217,7 @@ class ClapText(nn.Module):
             pooled)
         y = layers.Dense(cfg.projection_dim, rules=self.rules, name="text_projection.linear2")(
             layers.relu(y, r))
+        y = layers.to_output(y)
         if not self.normalize:
             return y
         norm = jnp.sqrt(jnp.sum(jnp.square(y), axis=-1, keepdims=True))

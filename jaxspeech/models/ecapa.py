@@ -77,8 +77,11 @@ class EcapaConfig:
     f_min: float = 0.0
     f_max: float | None = None
     std_norm: bool = False  # InputNormalization(norm_type="sentence", std_norm=...)
+    # the compute dtype (mixed precision; params stay float32): "float32", "bfloat16", "float16"
+    dtype: str = "float32"
 
     def __post_init__(self):
+        layers.check_dtype(self.dtype)
         n = len(self.channels)
         if not (n == len(self.kernel_sizes) == len(self.dilations) == len(self.groups)) or n < 3:
             raise ValueError(
@@ -341,6 +344,7 @@ class EcapaTdnn(nn.Module):
         if t < cfg.min_frames:
             raise ValueError(f"ECAPA needs at least {cfg.min_frames} frames, got {t} "
                              f"({(cfg.min_frames - 1) * cfg.hop_length} samples of audio)")
+        features = layers.to_compute(cfg, features)
         valid = frontend.valid_mask(lengths, t, b)  # SpeechBrain's length_to_mask
         n_valid = None if lengths is None else jnp.sum(valid, axis=1).astype(jnp.int32)
         m = valid[:, :, None].astype(features.dtype)
@@ -361,7 +365,7 @@ class EcapaTdnn(nn.Module):
                                        rules=self.rules, name="asp")(x, valid, n_valid, weights)
         x = layers.BatchNorm(rules=self.rules, name="asp_bn")(x)
         x = layers.Conv(cfg.lin_neurons, (1,), rules=self.rules, name="fc")(x)
-        return x[:, 0, :]
+        return layers.to_output(x[:, 0, :])
 
 
 def _cosine(x, w, b):

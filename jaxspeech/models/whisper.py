@@ -61,6 +61,8 @@ class WhisperConfig:
     decoder_attention_heads: int = 0
     decoder_ffn_dim: int = 0
     max_target_positions: int = 448
+    # the compute dtype (mixed precision; params stay float32): "float32", "bfloat16", "float16"
+    dtype: str = "float32"
 
     @property
     def head_dim(self) -> int:
@@ -85,6 +87,7 @@ class WhisperConfig:
         return self.n_frames * frontend.HOP_LENGTH
 
     def __post_init__(self):
+        layers.check_dtype(self.dtype)
         for part, heads, layers_ in (("encoder", self.encoder_attention_heads, self.encoder_layers),
                                      ("decoder", self.decoder_attention_heads, self.decoder_layers)):
             if layers_ and (heads <= 0 or self.d_model % heads):
@@ -210,7 +213,7 @@ class Whisper(nn.Module):
                 f"(n_mels x {cfg.n_samples / frontend.SAMPLE_RATE:g} s of 10 ms frames), got "
                 f"{tuple(features.shape)}; use m.features(wave), which pads or trims audio to "
                 f"{cfg.n_samples / frontend.SAMPLE_RATE:g} s")
-        x = jnp.swapaxes(features, 1, 2)
+        x = jnp.swapaxes(layers.to_compute(cfg, features), 1, 2)
         x = layers.gelu(layers.Conv(cfg.d_model, (3,), padding=[(1, 1)], rules=self.rules,
                                     name="conv1")(x), r)
         x = layers.gelu(layers.Conv(cfg.d_model, (3,), strides=(2,), padding=[(1, 1)],
@@ -219,14 +222,14 @@ class Whisper(nn.Module):
             "embed_positions",
             lambda key, shape: jnp.asarray(sinusoids(*shape)),
             (cfg.max_source_positions, cfg.d_model))
-        x = x + positions[None]
+        x = x + positions[None].astype(x.dtype)
         x = layers.tap(self, "embeddings", x)
         layer_cls = nn.remat(EncoderLayer) if self.remat else EncoderLayer
         for i in range(cfg.encoder_layers):
             x = layer_cls(cfg, self.rules, name=f"layers.{i}")(x)
         x = layers.LayerNorm(rules=self.rules, name="layer_norm")(x)
         if tokens is None:
-            return x
+            return layers.to_output(x)
         if not cfg.has_decoder:
             raise ValueError("this Whisper checkpoint has no decoder (encoder only); load a "
                              "full model (WhisperForConditionalGeneration, OpenAI .pt or a "
@@ -320,8 +323,10 @@ class WhisperDecoder(nn.Module):
                          name="embed_tokens")
         positions = self.param("embed_positions", nn.initializers.normal(0.02),
                                (cfg.max_target_positions, cfg.d_model))
-        x = embed(tokens) + jax.lax.dynamic_slice_in_dim(positions, offset, length)[None]
+        x = layers.to_compute(
+            cfg, embed(tokens) + jax.lax.dynamic_slice_in_dim(positions, offset, length)[None])
         x = layers.tap(self, "embeddings", x)
+        memory = None if memory is None else layers.to_compute(cfg, memory)
         layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
         new_cache = {}
         for i in range(cfg.decoder_layers):
@@ -330,7 +335,7 @@ class WhisperDecoder(nn.Module):
                 x, memory, None if cache is None else cache[name], offset)
         x = layers.LayerNorm(rules=self.rules, name="layer_norm")(x)
         logits = lrp.linear(layers.dense, x, embed.embedding.T, None, r)  # tied output projection
-        return logits, (new_cache if cache is not None else None)
+        return layers.to_output(logits), (new_cache if cache is not None else None)
 
 
 def decoder_cache(config: WhisperConfig, params: Mapping, memory: jnp.ndarray,
@@ -340,6 +345,7 @@ def decoder_cache(config: WhisperConfig, params: Mapping, memory: jnp.ndarray,
     the encoder output ``[B, S, H, D]``, computed once."""
     b, s, d = memory.shape
     h, hd = config.decoder_attention_heads, config.decoder_head_dim
+    memory = layers.to_compute(config, memory)
     empty = jnp.zeros((b, max_length, h, hd), memory.dtype)
     cache = {}
     for i in range(config.decoder_layers):
