@@ -1,5 +1,4 @@
 import os
-
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
