@@ -216,8 +216,8 @@ def bilinear(equation: str, a: jnp.ndarray, b: jnp.ndarray,
 
 def softmax(x: jnp.ndarray, axis: int = -1, where: jnp.ndarray | None = None) -> jnp.ndarray:
     """Softmax; entries where ``where`` is False get probability 0 (and no relevance).
-    Computed in float32 whatever ``x``'s dtype (bfloat16's 8-bit mantissa cannot hold the
-    exponentials' sum over 1500 keys), returned in ``x``'s dtype."""
+    Computed in float32 whatever ``x``'s dtype (a bfloat16 running sum of 1500 exponentials
+    drops each term below half an ulp of the sum, 2⁻⁹ of it), returned in ``x``'s dtype."""
     if where is not None:
         x = jnp.where(where, x, -jnp.inf)
     return jax.nn.softmax(x.astype(jnp.float32), axis=axis).astype(x.dtype)

@@ -17,9 +17,8 @@ import jaxspeech as js
 # linear map rounds its input and its weights to the compute dtype and its output back to
 # it (XLA accumulates the products in float32), so to first order each map adds <= 3u to
 # the relative error of what flows, and errors of N maps in sequence add: <= 3·N·u. N counts
-# the maps on the longest path of each test model (listed at each model), so a bound that a
-# kept-float32 model would meet by a factor 1e4 and an all-bfloat16 softmax/LayerNorm
-# (which loses the 1/T mass of 1500-key rows) would miss.
+# the maps on the longest path of each test model (listed at each model). The 0 < checks
+# make sure the model really ran in the low dtype.
 U = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
 
 
