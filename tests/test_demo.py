@@ -10,7 +10,7 @@ from jaxspeech.cli import main
 def test_main_job_writes_heatmaps_and_the_evaluation_table(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--methods", "attnlrp", "--steps", "4",
-                 "--no-mprt", "--speech-clips", "2", "--speech-methods", "attnlrp"]) == 0
+                 "--no-mprt", "--speech-clips", "1", "--speech-methods", "attnlrp"]) == 0
     printed = capsys.readouterr().out
     files, labels, masks = demo_clips()
     assert f"labels {labels.tolist()}" in printed and "| attnlrp |" in printed
@@ -26,7 +26,7 @@ def test_main_job_writes_heatmaps_and_the_evaluation_table(tmp_path, capsys):
     # the real-speech part: real tiny.en wrote the first clip's words, each explained
     assert "Whisper tiny.en wrote 'Stella bought seven red apples today" in printed
     speech = out / "speech"
-    for name in ("stella_rp", "taylor_en_gb"):
+    for name in ("stella_rp",):
         assert (speech / f"{name}.png").stat().st_size > 10_000
         assert (speech / f"{name}.npz").exists() and (speech / f"{name}_words").is_dir()
     assert "| attnlrp |" in (speech / "words.md").read_text()
