@@ -84,11 +84,14 @@ def wer(clips, texts) -> float:
     return errors / sum(len(_normalise(c.text).split()) for c in clips)
 
 
-# transformers' own WER on the 11 shipped clips, same weights and features: tiny.en 3/73 = 0.041
-# (number and article formatting), base 20/73 = 0.27 (the multilingual base mishears espeak-ng's
-# word-by-word voices). The bounds say "mostly right" above those, so that two decoders broken
+# transformers' own WER on the shipped clips, same weights and features (the tokens are equal,
+# so it is ours too): tiny.en on all 11, 3/73 = 0.041 (number and article formatting); base on
+# the first 5 (the three engines decoding all 11 was the longest test of the suite), 4/31 = 0.13
+# (9/73 on all 11, measured 2026-12-02: the multilingual base mishears espeak-ng's word-by-word
+# voices, "coil Taylor"). The bounds say "mostly right" above those, so that two decoders broken
 # the same way (a shared weight or feature bug gives a WER near 1) cannot pass by agreeing.
 WER_BOUND = {"tiny.en": 0.1, "base": 0.5}
+N_CLIPS = {"tiny.en": 11, "base": 5}
 
 
 @pytest.mark.slow
@@ -96,6 +99,7 @@ WER_BOUND = {"tiny.en": 0.1, "base": 0.5}
 def test_greedy_tokens_match_transformers_and_ctranslate2(request, name, clips, waves):
     path = TINY_EN if name == "tiny.en" else request.getfixturevalue("base_folder")
     m = js.load(path)
+    clips, waves = clips[:N_CLIPS[name]], waves[:N_CLIPS[name]]
     features = reference_features(waves)
     ours = generate(m, features)  # base: the language detected per clip
     hf = transformers_reference(m)(features)
