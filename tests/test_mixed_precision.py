@@ -10,8 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_attribution_clap import corr, rel
 
 import jaxspeech as js
+from jaxspeech.assets import whisper_folder
 
 # bfloat16 keeps 8 significant bits: unit roundoff u = 2^-8 (float16: 11 bits, 2^-11). Each
 # linear map rounds its input and its weights to the compute dtype and its output back to
@@ -22,21 +24,10 @@ import jaxspeech as js
 U = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
 
 
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def corr(a, b):
-    return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
-
-
 @pytest.fixture(scope="module")
 def whisper():
     """2 + 2 layers of width 64 over a 2 s window, with tiny.en's vocabulary and tokenizer."""
-    from test_transcript_attribution import _tiny_en_folder
-
-    real = js.load(_tiny_en_folder())
+    real = js.load(whisper_folder("tiny.en"))
     m = js.init("whisper-tiny.en", d_model=64, encoder_layers=2, decoder_layers=2,
                 encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
                 decoder_ffn_dim=128, max_source_positions=100)

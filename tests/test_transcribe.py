@@ -86,7 +86,7 @@ def wer(clips, texts) -> float:
 
 # transformers' own WER on the shipped clips, same weights and features (the tokens are equal,
 # so it is ours too): tiny.en on all 11, 3/73 = 0.041 (number and article formatting); base on
-# the first 5 (the three engines decoding all 11 was the longest test of the suite), 4/31 = 0.13
+# the first 5 (the three engines decoding all 11 took 255 s, the second-longest test), 4/31 = 0.13
 # (9/73 on all 11, measured 2026-12-02: the multilingual base mishears espeak-ng's word-by-word
 # voices, "coil Taylor"). The bounds say "mostly right" above those, so that two decoders broken
 # the same way (a shared weight or feature bug gives a WER near 1) cannot pass by agreeing.
