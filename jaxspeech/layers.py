@@ -207,6 +207,14 @@ def tap(module: nn.Module, name: str, x: jnp.ndarray) -> jnp.ndarray:
     return x
 
 
+def map_needed(module: nn.Module, name: str = "attention") -> bool:
+    """Whether attention probabilities ``name`` must exist as an array: the caller keeps the
+    maps (:data:`KEEP_ATTENTION_MAPS` mutable), edits them or perturbs them. Otherwise a
+    fused kernel (:func:`jaxspeech.lrp.fused_attention`) may run without them."""
+    return (module.has_variable("perturbations", name) or module.has_variable(EDITS, name)
+            or module.is_mutable_collection(KEEP_ATTENTION_MAPS))
+
+
 def attention(module: nn.Module, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
               rules: Rules = None, *, name: str = "attention", block: int = 300) -> jnp.ndarray:
     """Softmax attention ``q, k, v [B, T, heads, head_dim]`` (``q`` already scaled) ->
@@ -230,7 +238,7 @@ def attention(module: nn.Module, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
     delta = module.get_variable("perturbations", name) \
         if module.has_variable("perturbations", name) else None
     edited = module.has_variable(EDITS, name)
-    keep = delta is not None or edited or module.is_mutable_collection(KEEP_ATTENTION_MAPS)
+    keep = map_needed(module, name)
 
     def heads_first(x):  # [B, T, H, D] -> [B*H, T, D]
         return x.transpose(0, 2, 1, 3).reshape(b * h, t, x.shape[-1])
@@ -278,9 +286,7 @@ def masked_attention(module: nn.Module, q: jnp.ndarray, k: jnp.ndarray, v: jnp.n
     :func:`attention` does. Untapped and unedited, it runs :func:`jaxspeech.lrp.fused_attention`
     where :func:`jaxspeech.lrp.attention_implementation` picks a fused kernel.
     """
-    plain = not (module.has_variable("perturbations", name) or module.has_variable(EDITS, name)
-                 or module.is_mutable_collection(KEEP_ATTENTION_MAPS))
-    if plain:
+    if not map_needed(module, name):
         implementation = lrp.attention_implementation(q.dtype, q.shape[-1])
         if implementation != "tiled":
             return lrp.fused_attention(q, k, v, rules, mask=where, implementation=implementation)

@@ -356,17 +356,21 @@ def attention_implementation(dtype=jnp.float32, head_dim: int = 64) -> str:
 
 
 def fused_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, rules: RuleSet | None = None,
-                    mask: jnp.ndarray | None = None,
+                    mask: jnp.ndarray | None = None, bias: jnp.ndarray | None = None,
                     implementation: str | None = None) -> jnp.ndarray:
-    """``softmax(q kᵀ) v`` per head through ``jax.nn.dot_product_attention``: ``q [B, Tq, H,
-    D]`` (already scaled), ``k, v [B, Tk, H, D]``, ``mask`` (bool, True: attended)
+    """``softmax(q kᵀ + bias) v`` per head through ``jax.nn.dot_product_attention``: ``q [B,
+    Tq, H, D]`` (already scaled), ``k, v [B, Tk, H, D]``, ``mask`` (bool, True: attended)
+    and ``bias`` (added to the scores: CLAP's relative positions and shifted-window mask)
     broadcastable to ``[B, H, Tq, Tk]`` -> ``[B, Tq, H, D]``, under the bilinear and
     attention rules.
 
     The rules are constant shares of the plain attention gradient (:func:`attention_core`),
     so the backward is the platform's own VJP of the same fused call with the cotangents of
     q, k and v scaled (as LXT's efficient implementation does on PyTorch's kernels); the
-    forward is that call whatever the rules, so it is bitwise the plain forward.
+    forward is that call whatever the rules, so it is bitwise the plain forward. The bias
+    sits beside ``q kᵀ`` in the sum the softmax takes, so it receives the scores' share
+    (1/2 under the uniform rule, as ``bilinear`` -> ``+ bias`` -> ``attention_weights``
+    gives it; 0 under CP-LRP).
     ``implementation``: ``"xla"`` or ``"cudnn"``, None for :func:`attention_implementation`'s
     choice (the tiled kernel maps to ``"xla"`` here).
     """
@@ -381,11 +385,14 @@ def fused_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, rules: RuleS
                          f"'cudnn' (the tiled kernel is attention_core)")
     if mask is not None:
         mask = jnp.asarray(mask, bool)
-    return _fused_attention(implementation, _attention_shares(rules), q, k, v, mask)
+    if bias is None:
+        return _fused_attention(implementation, _attention_shares(rules), q, k, v, mask)
+    return _fused_attention_biased(implementation, _attention_shares(rules), q, k, v, mask,
+                                   jnp.asarray(bias, q.dtype))
 
 
-def _platform_attention(implementation, q, k, v, mask):
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0,
+def _platform_attention(implementation, q, k, v, mask, bias=None):
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=1.0,
                                         implementation=implementation)
 
 
@@ -394,31 +401,50 @@ def _fused_attention(implementation, shares, q, k, v, mask):
     return _platform_attention(implementation, q, k, v, mask)
 
 
-def _fused_attention_fwd(implementation, shares, q, k, v, mask):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused_attention_biased(implementation, shares, q, k, v, mask, bias):
+    return _platform_attention(implementation, q, k, v, mask, bias)
+
+
+def _fused_attention_fwd(implementation, shares, q, k, v, mask, bias=None):
+    def call(*a):
+        return _platform_attention(implementation, *a[:3], mask, *a[3:])
+
+    operands = (q, k, v) if bias is None else (q, k, v, bias)
     if implementation == "cudnn":
         # cuDNN's residuals are O(T·D) (output and softmax statistics): keep them.
-        out, vjp = jax.vjp(lambda *a: _platform_attention(implementation, *a, mask), q, k, v)
+        out, vjp = jax.vjp(call, *operands)
         return out, (vjp, None)
     # XLA's would be the [B, H, Tq, Tk] probabilities: recompute them in the backward
     # instead, as the tiled kernel does, so that memory stays O(T·D) per layer.
-    return _platform_attention(implementation, q, k, v, mask), (None, (q, k, v, mask))
+    return call(*operands), (None, (operands, mask))
 
 
 def _fused_attention_bwd(implementation, shares, res, g):
+    """Cotangents of ``(q, k, v, mask[, bias])``: the platform's, times the rules' shares
+    (q, k: ``qk_share``; v and the bias beside the scores: ``v_share``, 0 under CP-LRP)."""
     qk_share, v_share = shares
     vjp, inputs = res
     if vjp is None:
-        q, k, v, mask = inputs
+        operands, mask = inputs
+        q, k, v = operands[:3]
+
+        def call(*a):
+            return _platform_attention(implementation, *a[:3], mask, *a[3:])
+
         if qk_share == 0.0:  # constant probabilities: only v receives anything
-            _, vjp_v = jax.vjp(lambda v_: _platform_attention(implementation, q, k, v_, mask), v)
+            _, vjp_v = jax.vjp(lambda v_: call(q, k, v_, *operands[3:]), v)
             (dv,) = vjp_v(g)
-            return jnp.zeros_like(q), jnp.zeros_like(k), v_share * dv, None
-        _, vjp = jax.vjp(lambda *a: _platform_attention(implementation, *a, mask), q, k, v)
-    dq, dk, dv = vjp(g)
-    return qk_share * dq, qk_share * dk, v_share * dv, None
+            zeros = [jnp.zeros_like(x) for x in operands[3:]]
+            return (jnp.zeros_like(q), jnp.zeros_like(k), v_share * dv, None, *zeros)
+        _, vjp = jax.vjp(call, *operands)
+    dq, dk, dv, *dbias = vjp(g)
+    bias_share = v_share if qk_share else 0.0
+    return (qk_share * dq, qk_share * dk, v_share * dv, None, *(bias_share * d for d in dbias))
 
 
 _fused_attention.defvjp(_fused_attention_fwd, _fused_attention_bwd)
+_fused_attention_biased.defvjp(_fused_attention_fwd, _fused_attention_bwd)
 
 
 def gate(x: jnp.ndarray, g: jnp.ndarray, rules: RuleSet | None = None) -> jnp.ndarray:

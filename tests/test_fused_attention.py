@@ -159,3 +159,68 @@ def test_whisper_through_the_fused_path_gives_the_tiled_outputs_and_relevance(mo
         else:  # the rules leave the fused forward bitwise the plain one
             np.testing.assert_array_equal(fused[0], plain[0])
             np.testing.assert_array_equal(fused[1], plain[1])
+
+
+@pytest.mark.parametrize("rules", [None, "attnlrp", "cp_lrp"], ids=str)
+def test_biased_fused_attention_equals_the_literal_ops_in_every_operand(rules):
+    """CLAP's case: an additive bias (relative positions + the shifted-window mask) per
+    window, broadcast over the items; the bias receives the scores' share of the gradient."""
+    rules = _rules(rules)
+    q, k, v, w = _arrays(*[(6, 16, 2, 8)] * 4, seed=4)
+    (bias,) = _arrays((3, 2, 16, 16), seed=5)
+    bias = jnp.tile(bias, (2, 1, 1, 1))  # [items x windows, heads, n, n]
+
+    def literal(q, k, v, bias):
+        probs = lrp.attention_weights(lrp.bilinear("bqhd,bkhd->bhqk", q, k, rules) + bias, rules)
+        return lrp.bilinear("bhqk,bkhd->bqhd", probs, v, rules)
+
+    def fused(q, k, v, bias):
+        return lrp.fused_attention(q, k, v, rules, bias=bias, implementation="xla")
+
+    want = literal(q, k, v, bias)
+    np.testing.assert_allclose(fused(q, k, v, bias), want, atol=CORE_TOL * float(jnp.abs(want).max()))
+    grads = [jax.grad(lambda *a, f=f: (f(*a) * w).sum(), argnums=(0, 1, 2, 3))(q, k, v, bias)
+             for f in (fused, literal)]
+    for a, b in zip(*grads, strict=True):
+        np.testing.assert_allclose(a, b, atol=CORE_TOL * max(float(jnp.abs(b).max()), 1.0))
+
+
+def _clap_relevance(model, features, rules):
+    """Audio embedding and its input x gradient along a fixed direction, traced afresh."""
+    module = _module(model.config, rules, False)
+    w = jnp.asarray(np.random.default_rng(6).standard_normal(model.config.projection_dim),
+                    jnp.float32)
+
+    @jax.jit
+    def run(params, x):
+        def target(x_):
+            return (module.apply({"params": params}, x_) * w[None]).sum()
+
+        return module.apply({"params": params}, x), x * jax.grad(target)(x)
+
+    return run(model.params, features)
+
+
+@pytest.mark.slow
+def test_clap_windows_through_the_fused_path_give_the_literal_outputs_and_relevance(monkeypatch):
+    """Two blocks per stage, so that the odd ones shift their windows (the -100 mask across
+    the wrap rides in the bias); 64 and 16 windows of 64 tokens."""
+    m = js.init("clap-htsat-unfused", depths=(2, 2), num_attention_heads=(2, 4),
+                patch_embeds_hidden_size=32, hidden_size=64, projection_dim=16)
+    wave = 0.1 * np.random.default_rng(7).standard_normal((2, 96000)).astype(np.float32)
+    features, _ = m.prepare(wave)
+    plain = None
+    for rules in (None, "attnlrp", "cp_lrp"):
+        monkeypatch.setenv(lrp.ATTENTION_ENV, "tiled")  # CLAP's literal window attention
+        ref = _clap_relevance(m, features, rules)
+        monkeypatch.setenv(lrp.ATTENTION_ENV, "xla")
+        fused = _clap_relevance(m, features, rules)
+        # As the Whisper case: outputs to DESIGN's 1e-4 (the two differ in summation order
+        # only, sums of 64 terms), relevance to DESIGN's 1e-3.
+        for got, want, tol in zip(fused, ref, (1e-4, 1e-3), strict=True):
+            got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+            assert np.abs(got - want).max() <= tol * np.abs(want).max(), rules
+        if rules is None:
+            plain = fused
+        else:
+            np.testing.assert_array_equal(fused[0], plain[0])

@@ -286,19 +286,31 @@ class WindowAttention(nn.Module):
         ws = self.window_size
         table = self.param("self.relative_position_bias_table", nn.initializers.normal(0.02),
                            ((2 * ws - 1) ** 2, self.heads))
-        # Heads before tokens: the batched products then need no transposes of the scores.
         q, k, v = (layers.Dense(c, use_bias=self.qkv_bias, rules=self.rules, name=f"self.{name}")(x)
-                   .reshape(b, nw, n, self.heads, head_dim).transpose(0, 1, 3, 2, 4)
-                   for name in ("query", "key", "value"))
-        scores = lrp.bilinear("bwhqd,bwhkd->bwhqk", q, k, r) / math.sqrt(head_dim)
+                   .reshape(b, nw, n, self.heads, head_dim) for name in ("query", "key", "value"))
         bias = jnp.transpose(table[relative_position_index(ws).reshape(-1)].reshape(n, n, self.heads),
                              (2, 0, 1))[None]  # [1, heads, n, n]
         if mask is not None:  # the same -100 mask for every head: [windows, 1, n, n]
             bias = bias + jnp.asarray(mask)[:, None]
-        bias = bias.astype(scores.dtype)
-        probs = layers.tap(self, "attention", lrp.attention_weights(scores + bias[None], r))
-        context = lrp.bilinear("bwhqk,bwhkd->bwhqd", probs, v, r)
-        context = layers.tap(self, "heads", context.transpose(0, 1, 3, 2, 4))  # [B, W, n, heads, D]
+        bias = bias.astype(q.dtype)
+        implementation = lrp.attention_implementation(q.dtype, head_dim)
+        if implementation != "tiled" and not layers.map_needed(self, "attention"):
+            # Windows are independent sequences of n tokens: fold them into the batch.
+            def fold(t):  # [B, W, n, heads, D] -> [B·W, n, heads, D]
+                return t.reshape(b * nw, n, self.heads, head_dim)
+
+            if mask is not None:  # a bias per window [W, heads, n, n], the same for every item
+                bias = jnp.broadcast_to(bias, (b, *bias.shape)).reshape(b * nw, self.heads, n, n)
+            context = lrp.fused_attention(fold(q) / math.sqrt(head_dim), fold(k), fold(v), r,
+                                          bias=bias, implementation=implementation)
+            context = layers.tap(self, "heads", context.reshape(b, nw, n, self.heads, head_dim))
+        else:
+            # Heads before tokens: the batched products then need no transposes of the scores.
+            q, k, v = (t.transpose(0, 1, 3, 2, 4) for t in (q, k, v))
+            scores = lrp.bilinear("bwhqd,bwhkd->bwhqk", q, k, r) / math.sqrt(head_dim)
+            probs = layers.tap(self, "attention", lrp.attention_weights(scores + bias[None], r))
+            context = lrp.bilinear("bwhqk,bwhkd->bwhqd", probs, v, r)
+            context = layers.tap(self, "heads", context.transpose(0, 1, 3, 2, 4))  # [B, W, n, heads, D]
         return layers.Dense(c, rules=self.rules, name="output.dense")(context.reshape(b, nw, n, c))
 
 
