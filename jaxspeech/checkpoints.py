@@ -22,8 +22,8 @@ import dataclasses
 import os
 from typing import Any
 
-__all__ = ["Checkpoint", "resolve", "require_original", "preset_names", "help_text", "DEFAULT",
-           "INIT"]
+__all__ = ["Checkpoint", "resolve", "require_original", "preset_names", "help_text",
+           "add_dtype_argument", "DEFAULT", "INIT"]
 
 DEFAULT = "default"
 INIT = "init:"
@@ -46,25 +46,42 @@ def preset_names() -> list[str]:
     return list(js.presets())
 
 
-def resolve(spec: str | os.PathLike, *, seed: int = 0) -> Checkpoint:
+def resolve(spec: str | os.PathLike, *, seed: int = 0, dtype: str | None = None) -> Checkpoint:
     """``default``, ``init:PRESET`` (random weights from ``seed``) or a checkpoint path ->
-    :class:`Checkpoint`. Unknown presets and missing paths raise with what to write instead."""
+    :class:`Checkpoint`, computing in ``dtype`` (``"bfloat16"``, ``"float16"``; None: as the
+    checkpoint says, float32 unless it was saved otherwise; :meth:`jaxspeech.Model.astype`).
+    Unknown presets and missing paths raise with what to write instead."""
     import jaxspeech as js
+    from jaxspeech import layers
 
     spec = os.fspath(spec)
+    if dtype is not None:
+        layers.check_dtype(dtype)  # before minutes of loading
     if spec == DEFAULT:
         model, target = js.default_model()
-        return Checkpoint(spec, model, target)
+        return Checkpoint(spec, model if dtype is None else model.astype(dtype), target)
     if spec.startswith(INIT):
         name = spec[len(INIT):]
         if name not in js.presets():
             raise ValueError(f"unknown preset {name!r} in {spec!r}; presets: "
                              f"{', '.join(preset_names())} (jaxspeech info --presets)")
-        return Checkpoint(spec, js.init(name, seed=seed))
+        model = js.init(name, seed=seed)
+        return Checkpoint(spec, model if dtype is None else model.astype(dtype))
     if not os.path.exists(spec) and spec in js.presets():
         raise FileNotFoundError(f"no such checkpoint: {spec}; for the preset {spec!r} with "
                                 f"random weights write {INIT}{spec}")
-    return Checkpoint(spec, js.load(spec))
+    return Checkpoint(spec, js.load(spec, dtype=dtype))
+
+
+def add_dtype_argument(parser) -> None:
+    """``--compute-dtype`` on a command that runs a model (argparse; ``args.compute_dtype``,
+    for :func:`resolve`). Not ``--dtype``: ``attribute-corpus --dtype`` is the storage dtype
+    of the relevance it writes."""
+    from jaxspeech.layers import COMPUTE_DTYPES
+
+    parser.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default=None,
+                        help="compute dtype: mixed precision with float32 params, softmax, "
+                             "norms and relevance (default: the checkpoint's, float32)")
 
 
 def require_original(spec: str, command: str) -> None:

@@ -337,7 +337,7 @@ def _read_manifest(path: Path, label: str) -> list[tuple[Path, str]]:
 def _cmd_probe(args) -> int:
     from jaxspeech.checkpoints import resolve
 
-    model = resolve(args.model).model
+    model = resolve(args.model, dtype=args.compute_dtype).model
     seconds = getattr(model.config, "n_samples", 2 * model.sample_rate) / model.sample_rate
     waves, lengths, labels, classes = read_dataset(args.data, model.sample_rate, args.label,
                                                    seconds=min(seconds, 2.0))
@@ -360,9 +360,11 @@ def add_commands(sub) -> None:
     p = sub.add_parser("probe", help="linear probes on every layer; held-out accuracy per layer")
     p.add_argument("data", help="planted:N[:SEED], a CSV manifest (path,label) or a folder of "
                                 "per-class sub-folders")
+    from jaxspeech.checkpoints import add_dtype_argument
     from jaxspeech.cli import checkpoint_help
 
     p.add_argument("--model", default="default", help=checkpoint_help("MODEL") + " (default: default)")
+    add_dtype_argument(p)
     p.add_argument("--layers", default="all", help="'all' or comma-separated layer names")
     p.add_argument("--label", default="label", help="the manifest column holding the label")
     p.add_argument("--out", default="probes", help="folder for <layer>.npz probes")

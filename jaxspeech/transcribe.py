@@ -329,6 +329,7 @@ def _word_timestamps(m: Model, tok: WhisperTokenizer, features, out: Generation,
 
 def add_commands(sub) -> None:  # sub: argparse's subparsers
     """``jaxspeech transcribe CKPT AUDIO... [--language] [--task] [--word-timestamps] [--json OUT]``."""
+    from jaxspeech.checkpoints import add_dtype_argument
     from jaxspeech.cli import checkpoint_help
 
     p = sub.add_parser(
@@ -336,6 +337,7 @@ def add_commands(sub) -> None:  # sub: argparse's subparsers
         description="Transcribe audio files, one line per file. Exit status 1 when any file "
                     "failed (the others are still transcribed and written).")
     p.add_argument("checkpoint", help=checkpoint_help("CHECKPOINT"))
+    add_dtype_argument(p)
     p.add_argument("audio", nargs="+", help="audio files (any rate and channels: converted to "
                                             "16 kHz mono by jaxspeech.audio.read)")
     p.add_argument("--language", help="language code, e.g. de (default: detected per file)")
@@ -354,7 +356,7 @@ def _cmd_transcribe(args) -> int:
     from jaxspeech.checkpoints import resolve
     from jaxspeech.corpus.store import write_atomic
 
-    m = resolve(args.checkpoint).model
+    m = resolve(args.checkpoint, dtype=args.compute_dtype).model
     require_decoder(m)
     tok = WhisperTokenizer.from_model(m)  # fail before reading any audio
     waves, records = {}, {}

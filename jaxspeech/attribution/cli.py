@@ -44,12 +44,14 @@ __all__ = ["add_commands", "run", "write_item", "output_names"]
 
 
 def add_commands(sub) -> None:
+    from jaxspeech.checkpoints import add_dtype_argument
     from jaxspeech.cli import checkpoint_help
     from jaxspeech.corpus.cli import add_run_options
 
     p = sub.add_parser("attribute", help="explain audio files; writes .npz and .png per file",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help=checkpoint_help("CHECKPOINT"))
+    add_dtype_argument(p)
     p.add_argument("audio", nargs="+", help="audio files")
     add_run_options(p, batch_size=8)
     p.add_argument("--no-png", action="store_true", help="write .npz only")
@@ -77,7 +79,7 @@ def run(args) -> int:
     from jaxspeech.corpus.run import attribute_corpus
 
     names = output_names(args.audio)
-    ckpt = resolve(args.checkpoint)
+    ckpt = resolve(args.checkpoint, dtype=args.compute_dtype)
     log_to_stderr()
     options = run_arguments(args, ckpt)
     summary = attribute_corpus(ckpt.model, list(args.audio), args.out, **options)

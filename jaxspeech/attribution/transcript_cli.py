@@ -27,12 +27,14 @@ import numpy as np
 
 def add_commands(sub) -> None:
     from jaxspeech.attribution.transcript import TRANSCRIPT_METHODS
+    from jaxspeech.checkpoints import add_dtype_argument
 
     p = sub.add_parser("explain-transcript", help="explain every word Whisper wrote; .npz + .png",
                        description=__doc__)
     p.add_argument("checkpoint", help="a Whisper checkpoint with a decoder (HF / OpenAI .pt / "
                                       "CTranslate2 / jaxspeech folder)")
     p.add_argument("audio", nargs="+", help="audio files")
+    add_dtype_argument(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--method", default="attnlrp", choices=TRANSCRIPT_METHODS,
                    help="an LRP rule set (default attnlrp), a gradient method, or a map over the "
@@ -121,10 +123,11 @@ def run(args) -> int:
 
     import jaxspeech as js
     from jaxspeech import audio
+    from jaxspeech.checkpoints import resolve
 
     if args.text is not None and len(args.audio) > 1:
         raise ValueError("--text explains one file; give one audio file with it")
-    m = js.load(args.checkpoint)
+    m = resolve(args.checkpoint, dtype=args.compute_dtype).model
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     options = {} if args.steps is None else {"steps": args.steps}
@@ -132,7 +135,7 @@ def run(args) -> int:
         options["layer"] = args.layer
     reference = None if args.reference == "none" else "silence"
     config = {"checkpoint": args.checkpoint, "method": args.method, "reference": args.reference,
-              "target": args.target, "jaxspeech": js.__version__}
+              "target": args.target, "compute_dtype": m.dtype, "jaxspeech": js.__version__}
     window = m.config.n_samples
     failures, done = [], 0
     for path in tqdm(args.audio, unit="file", desc=f"explain-transcript {args.method}"):

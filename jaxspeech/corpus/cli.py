@@ -90,12 +90,14 @@ def exit_status(summary, allow_failures: bool) -> int:
 
 
 def add_commands(sub) -> None:
+    from jaxspeech.checkpoints import add_dtype_argument
     from jaxspeech.cli import checkpoint_help
 
     p = sub.add_parser("attribute-corpus", help="attribute a whole corpus; sharded, resumable",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="folder, .csv/.jsonl manifest, or tfds:NAME")
     p.add_argument("--model", required=True, help=checkpoint_help("MODEL"))
+    add_dtype_argument(p)
     add_run_options(p, batch_size=16)
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="storage dtype of relevance")
@@ -135,7 +137,7 @@ def run(args) -> int:
     from jaxspeech.corpus.run import attribute_corpus
 
     log_to_stderr()
-    ckpt = resolve(args.model)
+    ckpt = resolve(args.model, dtype=args.compute_dtype)
     source_options = None
     if args.source.startswith("tfds:"):
         source_options = {"split": args.split, "data_dir": args.data_dir, "audio_key": args.audio_key,

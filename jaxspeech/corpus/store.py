@@ -121,6 +121,17 @@ def read_manifests(out: str | os.PathLike) -> tuple[dict[str, str], dict[str, st
     return done, {k: v for k, v in failed.items() if k not in done}, duplicates
 
 
+def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as ``{"config.dtype": ...}``, so that a mismatch names the one that differs."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def check_run_config(out: Path, config: Mapping[str, Any], resume: bool,
                      process_index: int = 0) -> None:
     """Write ``run.json``, or, where results exist, check that this run is the same one
@@ -129,10 +140,10 @@ def check_run_config(out: Path, config: Mapping[str, Any], resume: bool,
     path = out / RUN_FILE
     config = json.loads(json.dumps(dict(config), sort_keys=True, default=str))  # as stored
     if path.exists() and any(out.glob("manifest-p*.jsonl")):
-        before = json.loads(path.read_text())
-        keys = sorted(k for k in set(config) | set(before) if config.get(k) != before.get(k))
+        before, now = _flat(json.loads(path.read_text())), _flat(config)
+        keys = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
         if keys:
-            diff = ", ".join(f"{k}: {before.get(k)!r} -> {config.get(k)!r}" for k in keys)
+            diff = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys)
             raise ValueError(f"{out} holds results of another configuration ({diff}); "
                              "resume with the same settings or choose another --out")
         if not resume and (out / f"manifest-p{process_index:05d}.jsonl").exists():

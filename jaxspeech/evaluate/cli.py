@@ -35,6 +35,7 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("evaluate", help="faithfulness (ABPC), localisation and MPRT of methods",
                        description=_CLI_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from jaxspeech.checkpoints import add_dtype_argument
     from jaxspeech.cli import checkpoint_help
 
     p.add_argument("inputs", nargs="+", metavar="CHECKPOINT AUDIO",
@@ -42,6 +43,7 @@ def add_commands(sub) -> None:
                         "audio files only)")
     p.add_argument("--preset", default=None, help="PRESET: the same as CHECKPOINT init:PRESET")
     p.add_argument("--seed", type=int, default=0, help="init: weights and MPRT randomisation")
+    add_dtype_argument(p)
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                    help="attribution methods (space- or comma-separated)")
     p.add_argument("--target", default=None, help="what to explain (as `jaxspeech attribute`)")
@@ -64,7 +66,7 @@ def _load(args):
 
     inputs = list(args.inputs)
     spec = f"{INIT}{args.preset}" if args.preset is not None else inputs.pop(0)
-    return resolve(spec, seed=args.seed), inputs
+    return resolve(spec, seed=args.seed, dtype=args.compute_dtype), inputs
 
 
 def _target(spec: str | None, ckpt):

@@ -642,12 +642,15 @@ def add_commands(sub) -> None:
     """Register ``jaxspeech evaluate-words`` on the CLI's subparsers."""
     import argparse
 
+    from jaxspeech.checkpoints import add_dtype_argument
+
     p = sub.add_parser("evaluate-words", help="word-aligned faithfulness of transcript "
                        "attributions (clips with word spans)", description=_CLI_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="CHECKPOINT [AUDIO]",
                    help="a Whisper checkpoint with a decoder, then optionally audio files")
     p.add_argument("--spans", required=True, help="JSON file of clips, texts and word spans")
+    add_dtype_argument(p)
     p.add_argument("--methods", nargs="+", default=list(WORD_METHODS),
                    help="methods, NAME[:none] (space- or comma-separated)")
     p.add_argument("--steps", type=int, default=8, help="MoRF/LeRF steps (default 8)")
@@ -680,7 +683,7 @@ def _pick_clips(clips: list[SpeechClip], files: Sequence[str], spans: str) -> li
 
 def run(args) -> int:
     """``jaxspeech evaluate-words``: print the table, write words.md and words.json."""
-    import jaxspeech as js
+    from jaxspeech.checkpoints import resolve
 
     checkpoint, files = args.inputs[0], args.inputs[1:]
     clips = _pick_clips(read_spans(args.spans), files, args.spans)
@@ -703,7 +706,7 @@ def run(args) -> int:
     if args.smoothgrad_samples is not None:
         options["smoothgrad"] = {"n_samples": args.smoothgrad_samples}
     methods_ = [m for spec in args.methods for m in spec.split(",") if m]
-    model = js.load(checkpoint)
+    model = resolve(checkpoint, dtype=args.compute_dtype).model
     table = word_faithfulness(model, clips, methods_, language=args.language, steps=args.steps,
                               controls=args.controls, curves=not args.no_curves,
                               curve_clips=args.curve_clips, deletion=not args.no_deletion,
