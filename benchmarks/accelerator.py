@@ -1,7 +1,8 @@
 """Throughput on whatever device this machine has: jaxspeech vs PyTorch on the same device.
 
     python benchmarks/accelerator.py                                   # base, small, large-v3
-    python benchmarks/accelerator.py --sizes tiny --batch 1 2 --seconds 2 --rounds 1   # CPU, small
+    python benchmarks/accelerator.py --sizes tiny --batch 1 2 --seconds 2 --rounds 1 \
+        --corpus-hours 0.01                                                    # CPU, small
 
 For each Whisper encoder size (random weights of the real size, one HF folder both sides
 load) and each batch of the sweep (by default doubling from 1 until the device's memory
@@ -17,9 +18,16 @@ time (> 1: jaxspeech faster). Which attention kernel ran is in the header
 Both frameworks run in one process, so on a CPU their idle worker threads compete; the
 CPU ratios of record come from ``benchmarks/forward.py`` and ``benchmarks/attribution.py``
 (one process per framework). Tested on CPU only, at the smallest settings
-(``tests/test_accelerator_benchmark.py``): no accelerator has run it yet. The corpus
-runner over 1 h of audio is not part of it yet (``benchmarks/corpus.py`` measures the
-runner on CPU).
+(``tests/test_accelerator_benchmark.py``): no accelerator has run it yet.
+
+After each size's sweep, one *corpus* row: ``jaxspeech.corpus.attribute_corpus`` (AttnLRP,
+output-norm target) over ``--corpus-hours`` of files (``benchmarks/corpus.py``'s synthetic
+corpus: 2-12 s clips, a third at 44.1 kHz flac, so decoding and resampling are in it),
+files to shards on disk at the attnlrp sweep's fastest batch. Its columns: the first
+batch (compilation included), the whole run's wall seconds, audio hours per hour, and the
+seconds one hour of audio takes at that rate (the target: under 60 on a GPU). Its ratio
+column compares it with LXT's throughput in the attnlrp row at the same batch, which reads
+no files: a lower bound on the runner's lead.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import timed  # noqa: E402
+from corpus import make_corpus  # noqa: E402
 
 # d_model, encoder layers, heads, mel bins (large-v3 has 128 mel bins)
 SIZES = {"tiny": (384, 4, 6, 80), "base": (512, 6, 8, 80), "small": (768, 12, 12, 80),
@@ -142,10 +151,38 @@ def device_line() -> str:
             f"{torch.__version__} on {tdev}")
 
 
+MEAN_CLIP_SECONDS = 7.0  # make_corpus draws clips of 2-12 s
+
+
+def corpus_row(size: str, folder: str, hours: float, batch: int, torch_rate: float) -> str:
+    """``attribute_corpus`` (AttnLRP) over ``hours`` of audio files, files to shards on disk;
+    ``torch_rate``: LXT's audio seconds per second at ``batch`` (nan: not measured)."""
+    from pathlib import Path
+
+    import jaxspeech as js
+    from jaxspeech.corpus import attribute_corpus
+
+    model = js.load(folder)
+    clips = max(1, round(hours * 3600 / MEAN_CLIP_SECONDS))
+    with tempfile.TemporaryDirectory() as tmp:
+        audio = make_corpus(Path(tmp) / "corpus", clips)
+        summary = attribute_corpus(model, Path(tmp) / "corpus", Path(tmp) / "out",
+                                   method="attnlrp", target="output-norm", batch_size=batch,
+                                   progress=False)
+    if summary.failures or summary.done != clips:
+        raise RuntimeError(f"corpus run: {summary.done} of {clips} clips done; {summary.failures}")
+    rate = audio / summary.seconds
+    length = f"{audio / 3600:.2f} h" if audio >= 360 else f"{audio:.0f} s"
+    return (f"| {size} | corpus attnlrp, {clips} clips, {length} | {batch} | "
+            f"{summary.first_batch_seconds:.1f} | {summary.seconds:.1f} | {rate:.1f} | "
+            f"{torch_rate:.1f} | {rate / torch_rate:.2f} |  1 h in {3600 / rate:.0f} s")
+
+
 def sweep(sizes, batches, methods, seconds: float, rounds: int, torch_side: bool,
-          layers: int | None = None):
+          layers: int | None = None, corpus_hours: float = 0.0):
     """Yield one table row per (size, method, batch); a batch sweep stops at the first
-    out-of-memory on either side."""
+    out-of-memory on either side. Then, with ``corpus_hours``, the size's corpus row at the
+    attnlrp sweep's fastest batch (the largest of ``batches`` when attnlrp was not swept)."""
     import contextlib
 
     from jaxspeech.data.reference_checkpoints import write_whisper
@@ -154,6 +191,7 @@ def sweep(sizes, batches, methods, seconds: float, rounds: int, torch_side: bool
     for size in sizes:
         d, n_layers, heads, n_mels = SIZES[size]
         n_layers = layers or n_layers
+        attnlrp = {}  # batch -> (jax, torch audio seconds per second)
         with tempfile.TemporaryDirectory() as folder:
             write_whisper(folder, (d, n_layers, heads), n_mels=n_mels,
                           max_source_positions=frames // 2, perturb=0.1)
@@ -175,8 +213,14 @@ def sweep(sizes, batches, methods, seconds: float, rounds: int, torch_side: bool
                         yield f"| {size} | {method} | {batch} | out of memory | | | | |"
                         break
                     audio = batch * seconds
+                    if method == "attnlrp":
+                        attnlrp[batch] = (audio / j_s, audio / t_s)
                     yield (f"| {size} | {method} | {batch} | {j_compile:.1f} | {j_s:.3f} | "
                            f"{audio / j_s:.1f} | {audio / t_s:.1f} | {t_s / j_s:.2f} |")
+            if corpus_hours > 0:
+                batch = max(attnlrp, key=lambda b: attnlrp[b][0]) if attnlrp else max(batches)
+                yield corpus_row(size, folder, corpus_hours, batch,
+                                 attnlrp.get(batch, (0.0, float("nan")))[1])
 
 
 def main(argv=None) -> None:
@@ -191,16 +235,20 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, default=None,
                     help="encoder layers (default: the size's own; fewer for smoke runs)")
     ap.add_argument("--no-torch", action="store_true", help="jaxspeech only")
+    ap.add_argument("--corpus-hours", type=float, default=1.0,
+                    help="audio the corpus row attributes from files (0: no corpus row)")
     args = ap.parse_args(argv)
     if not 0.04 <= args.seconds <= 30.0:
         raise SystemExit(f"--seconds {args.seconds}: expected between 0.04 and 30")
+    if args.corpus_hours < 0:
+        raise SystemExit(f"--corpus-hours {args.corpus_hours}: expected 0 (none) or more")
     batches = args.batch or [2 ** i for i in range(12)]
     print(device_line())
     print("| size | method | batch | jax compile s | jax s/batch | jax audio h/h | "
           "torch audio h/h | torch / jax |")
     print("|---|---|---|---|---|---|---|---|")
     for row in sweep(args.sizes, batches, args.methods, args.seconds, args.rounds,
-                     not args.no_torch, args.layers):
+                     not args.no_torch, args.layers, args.corpus_hours):
         print(row, flush=True)
 
 

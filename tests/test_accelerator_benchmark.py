@@ -23,12 +23,15 @@ def _load():
 @pytest.mark.slow
 def test_accelerator_benchmark_prints_every_method_at_the_smallest_setting(capsys):
     _load().main(["--sizes", "tiny", "--batch", "1", "--seconds", "1", "--rounds", "1",
-                  "--layers", "1"])
+                  "--layers", "1", "--corpus-hours", "0.004"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("# jax ") and "attention kernel" in lines[0]
-    rows = [line.strip("|").split("|") for line in lines[3:]]
-    assert [(r[0].strip(), r[1].strip(), r[2].strip()) for r in rows] == [
+    rows = [line.split("|")[1:-1] for line in lines[3:]]
+    assert [(r[0].strip(), r[1].strip(), r[2].strip()) for r in rows[:3]] == [
         ("tiny", m, "1") for m in ("forward", "attnlrp", "ig32")]
+    # 0.004 h = 14 s: 2 clips of make_corpus's 7 s mean, read from files at the attnlrp batch
+    assert rows[3][0].strip() == "tiny" and rows[3][1].strip().startswith("corpus attnlrp, 2 clips")
+    assert rows[3][2].strip() == "1" and lines[6].endswith(" s")
     for row in rows:
         numbers = [float(c) for c in row[3:]]
         assert all(math.isfinite(v) and v >= 0 for v in numbers) and all(numbers[1:]), row
