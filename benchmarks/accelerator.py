@@ -13,7 +13,8 @@ when torch sees one, else on the CPU. Printed per row: compile time (first call 
 steady one, jaxspeech), steady wall seconds per batch, throughput in audio hours per hour
 (audio seconds processed per wall second) for both, and the ratio PyTorch time / jaxspeech
 time (> 1: jaxspeech faster). Which attention kernel ran is in the header
-(``lrp.attention_implementation``; ``JAXSPEECH_ATTENTION`` overrides it).
+(``lrp.attention_implementation``; ``--attention`` or ``JAXSPEECH_ATTENTION`` overrides it:
+on a TPU, ``--attention splash`` measures Pallas' flash kernel against XLA's default).
 
 Both frameworks run in one process, so on a CPU their idle worker threads compete; the
 CPU ratios of record come from ``benchmarks/forward.py`` and ``benchmarks/attribution.py``
@@ -44,6 +45,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import timed  # noqa: E402
 from corpus import make_corpus  # noqa: E402
+
+from jaxspeech.lrp import ATTENTION_ENV, ATTENTION_IMPLEMENTATIONS  # noqa: E402
 
 # d_model, encoder layers, heads, mel bins (large-v3 has 128 mel bins)
 SIZES = {"tiny": (384, 4, 6, 80), "base": (512, 6, 8, 80), "small": (768, 12, 12, 80),
@@ -235,6 +238,9 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, default=None,
                     help="encoder layers (default: the size's own; fewer for smoke runs)")
     ap.add_argument("--no-torch", action="store_true", help="jaxspeech only")
+    ap.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default=None,
+                    help="jaxspeech's attention kernel (default: the platform's choice; "
+                         "on a TPU, run once with xla and once with splash)")
     ap.add_argument("--corpus-hours", type=float, default=1.0,
                     help="audio the corpus row attributes from files (0: no corpus row)")
     args = ap.parse_args(argv)
@@ -242,6 +248,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"--seconds {args.seconds}: expected between 0.04 and 30")
     if args.corpus_hours < 0:
         raise SystemExit(f"--corpus-hours {args.corpus_hours}: expected 0 (none) or more")
+    if args.attention:
+        os.environ[ATTENTION_ENV] = args.attention  # read when the models are traced
     batches = args.batch or [2 ** i for i in range(12)]
     print(device_line())
     print("| size | method | batch | jax compile s | jax s/batch | jax audio h/h | "

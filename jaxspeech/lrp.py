@@ -22,7 +22,7 @@ The flowing cotangent ``g`` at a tensor ``z`` is relevance divided by ``z``
 | :func:`gate` | ``constant`` | the gate is a constant scale |
 | :func:`softmax` | — | its ordinary gradient is the AttnLRP softmax rule |
 | :func:`attention_core` | both above | softmax(q kᵀ) v fused: q, k get ¼ (uniform) or 0 (cp), v ½ |
-| :func:`fused_attention` | both above | the same shares on ``jax.nn.dot_product_attention``'s VJP |
+| :func:`fused_attention` | both above | the same shares on a fused kernel's VJP (XLA, cuDNN, splash) |
 """
 
 from __future__ import annotations
@@ -326,20 +326,23 @@ def _attention_core_bwd(block, shares, res, g):
 _attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
-ATTENTION_IMPLEMENTATIONS = ("tiled", "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("tiled", "xla", "cudnn", "splash")
 ATTENTION_ENV = "JAXSPEECH_ATTENTION"
 
 
 def attention_implementation(dtype=jnp.float32, head_dim: int = 64) -> str:
     """Which attention kernel the models run: ``"tiled"`` (:func:`attention_core`),
-    ``"xla"`` or ``"cudnn"`` (:func:`fused_attention`).
+    ``"xla"``, ``"cudnn"`` or ``"splash"`` (:func:`fused_attention`).
 
     The environment variable ``JAXSPEECH_ATTENTION`` overrides the choice (benchmarks,
     tests). Otherwise by platform: on CPU the tiled kernel (single thread, whisper-tiny's
     shape B 4, H 6, T 1500, D 64, forward + AttnLRP backward, measured in
     ``benchmarks/attention.py``: XLA's fused attention is slower there); on GPU cuDNN's
     flash attention where it applies (float16 / bfloat16, head dim <= 256), XLA's
-    otherwise; XLA's elsewhere (TPU).
+    otherwise; XLA's elsewhere (TPU). ``"splash"`` (Pallas' TPU flash attention,
+    :mod:`jaxspeech.splash`) is chosen only through the variable until a TPU has measured
+    it against XLA's (``benchmarks/accelerator.py --attention splash``); it runs the
+    unmasked self-attention (Whisper's encoder), and XLA's runs the masked and biased ones.
     """
     chosen = os.environ.get(ATTENTION_ENV, "").strip().lower()
     if chosen:
@@ -371,8 +374,9 @@ def fused_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, rules: RuleS
     sits beside ``q kᵀ`` in the sum the softmax takes, so it receives the scores' share
     (1/2 under the uniform rule, as ``bilinear`` -> ``+ bias`` -> ``attention_weights``
     gives it; 0 under CP-LRP).
-    ``implementation``: ``"xla"`` or ``"cudnn"``, None for :func:`attention_implementation`'s
-    choice (the tiled kernel maps to ``"xla"`` here).
+    ``implementation``: ``"xla"``, ``"cudnn"`` or ``"splash"`` (self-attention without mask
+    or bias; other calls run ``"xla"``), None for :func:`attention_implementation`'s choice
+    (the tiled kernel maps to ``"xla"`` here).
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"fused_attention takes q, k, v as [B, T, heads, head_dim]; got "
@@ -380,9 +384,12 @@ def fused_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, rules: RuleS
     if implementation is None:
         implementation = attention_implementation(q.dtype, q.shape[-1])
         implementation = "xla" if implementation == "tiled" else implementation
-    if implementation not in ("xla", "cudnn"):
-        raise ValueError(f"implementation {implementation!r}: fused_attention runs 'xla' or "
-                         f"'cudnn' (the tiled kernel is attention_core)")
+    if implementation not in FUSED_IMPLEMENTATIONS:
+        raise ValueError(f"implementation {implementation!r}: fused_attention runs one of "
+                         f"{FUSED_IMPLEMENTATIONS} (the tiled kernel is attention_core)")
+    if implementation == "splash" and (mask is not None or bias is not None
+                                       or not q.shape == k.shape == v.shape):
+        implementation = "xla"
     if mask is not None:
         mask = jnp.asarray(mask, bool)
     if bias is None:
@@ -391,7 +398,14 @@ def fused_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, rules: RuleS
                                    jnp.asarray(bias, q.dtype))
 
 
+FUSED_IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+
+
 def _platform_attention(implementation, q, k, v, mask, bias=None):
+    if implementation == "splash":
+        from jaxspeech.splash import splash_attention
+
+        return splash_attention(q, k, v)
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=1.0,
                                         implementation=implementation)
 
@@ -411,8 +425,8 @@ def _fused_attention_fwd(implementation, shares, q, k, v, mask, bias=None):
         return _platform_attention(implementation, *a[:3], mask, *a[3:])
 
     operands = (q, k, v) if bias is None else (q, k, v, bias)
-    if implementation == "cudnn":
-        # cuDNN's residuals are O(T·D) (output and softmax statistics): keep them.
+    if implementation in ("cudnn", "splash"):
+        # Flash kernels' residuals are O(T·D) (output and softmax statistics): keep them.
         out, vjp = jax.vjp(call, *operands)
         return out, (vjp, None)
     # XLA's would be the [B, H, Tq, Tk] probabilities: recompute them in the backward

@@ -47,3 +47,15 @@ def test_only_out_of_memory_errors_end_a_batch_sweep():
 def test_accelerator_benchmark_refuses_an_audio_length_whisper_cannot_take():
     with pytest.raises(SystemExit, match="--seconds 40"):
         _load().main(["--seconds", "40"])
+
+
+def test_accelerator_benchmark_runs_the_attention_kernel_it_is_given(capsys, monkeypatch):
+    from jaxspeech import lrp
+
+    monkeypatch.setenv(lrp.ATTENTION_ENV, "tiled")  # restored after the test
+    _load().main(["--sizes", "tiny", "--batch", "1", "--seconds", "1", "--rounds", "1",
+                  "--layers", "1", "--methods", "forward", "--no-torch", "--corpus-hours", "0",
+                  "--attention", "xla"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "attention kernel xla" in lines[0]
+    assert len(lines) == 4 and lines[3].startswith("| tiny | forward | 1 |")

@@ -138,8 +138,11 @@ def _whisper_relevance(model, features, tokens, rules):
 
 
 @pytest.mark.slow
-def test_whisper_through_the_fused_path_gives_the_tiled_outputs_and_relevance(monkeypatch):
-    """whisper-tiny's real widths (384, 6 heads, 1500 frames), one layer each side."""
+@pytest.mark.parametrize("implementation", ["xla", "splash"])
+def test_whisper_through_the_fused_path_gives_the_tiled_outputs_and_relevance(monkeypatch,
+                                                                               implementation):
+    """whisper-tiny's real widths (384, 6 heads, 1500 frames), one layer each side (splash:
+    the encoder's 1500 frames padded to 1536; the decoder's masked calls run XLA's)."""
     m = js.init("whisper-tiny", encoder_layers=1, decoder_layers=1, vocab_size=200)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 80, 3000)).astype(np.float32))
     t = np.random.default_rng(1).integers(0, 200, (1, 6)).astype(np.int32)
@@ -147,7 +150,7 @@ def test_whisper_through_the_fused_path_gives_the_tiled_outputs_and_relevance(mo
     for rules in (None, "attnlrp", "cp_lrp"):
         monkeypatch.setenv(lrp.ATTENTION_ENV, "tiled")
         ref = _whisper_relevance(m, x, t, rules)
-        monkeypatch.setenv(lrp.ATTENTION_ENV, "xla")
+        monkeypatch.setenv(lrp.ATTENTION_ENV, implementation)
         fused = _whisper_relevance(m, x, t, rules)
         # Outputs: DESIGN's port tolerance (1e-4 of the scale); the attention sums differ
         # only in order (~√T·2⁻²⁴ ≈ 2e-7 relative), far inside it. Relevance: DESIGN's 1e-3.
@@ -224,3 +227,34 @@ def test_clap_windows_through_the_fused_path_give_the_literal_outputs_and_releva
             plain = fused
         else:
             np.testing.assert_array_equal(fused[0], plain[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rules", [None, "attnlrp", "cp_lrp"], ids=str)
+def test_splash_kernel_equals_the_tiled_kernel_under_the_rules(rules):
+    """Pallas' TPU kernel, interpreted off TPU: 200 tokens padded to 256 (their own segment),
+    two blocks of 128 each way, so the padding and the block loop are both exercised."""
+    rules = _rules(rules)
+    q, k, v, w = _arrays(*[(2, 200, 2, 64)] * 4, seed=8)
+    q = q / 8.0  # scaled by head_dim^-1/2, as the models pass it: scores of order 1
+    splash = functools.partial(lrp.fused_attention, rules=rules, implementation="splash")
+    tiled = _tiled(q, k, v, rules)
+    # The tiled kernel's tolerance. Flash attention's running maximum adds a rounding of
+    # exp(m_old - m_new) per block; its error in exp(s - m) grows with |s|·2⁻²⁴, so at
+    # unscaled scores (|s| ~ 30 here) it would reach ~2e-6 relative by itself.
+    np.testing.assert_allclose(splash(q, k, v), tiled, atol=CORE_TOL * float(jnp.abs(tiled).max()))
+    for a, b in zip(_grads(splash, w, q, k, v), _grads(lambda *x: _tiled(*x, rules), w, q, k, v),
+                    strict=True):
+        np.testing.assert_allclose(a, b, atol=CORE_TOL * max(float(jnp.abs(b).max()), 1.0))
+
+
+def test_splash_hands_masked_and_biased_calls_to_xla():
+    """The decoder's masks change with the cache position and CLAP's bias is per window:
+    those run XLA's kernel when splash is asked for, with the same result."""
+    q, k, v = _arrays(*[(1, 16, 2, 8)] * 3, seed=9)
+    causal = jnp.tril(jnp.ones((16, 16), bool))[None, None]
+    (bias,) = _arrays((1, 2, 16, 16), seed=10)
+    for extra in ({"mask": causal}, {"bias": bias}):
+        np.testing.assert_array_equal(
+            lrp.fused_attention(q, k, v, implementation="splash", **extra),
+            lrp.fused_attention(q, k, v, implementation="xla", **extra))
