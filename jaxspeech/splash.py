@@ -28,7 +28,7 @@ def _block(length: int) -> int:
     return next(b for b in (512, 256, 128) if length % b == 0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel(heads: int, length: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
