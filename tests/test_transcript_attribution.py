@@ -454,12 +454,14 @@ def test_encoder_frame_methods_refuse_bad_input(small, deep, wave):
         js.attribute_transcript(small, wave, text=TEXT, method="alignment_heads")
 
 
-@pytest.mark.parametrize("method", ["gradcam", "rollout"])
+@pytest.mark.parametrize("method", ["gradcam", "rollout", "gradient_rollout"])
 def test_map_methods_give_a_batch_what_they_give_each_item_alone(deep, method):
     """The map-based methods run item by item (one item's attention maps alive at once,
-    ``item_chunk`` at a time): a batch of 3 clips of different lengths and texts gives each
-    item the maps and targets it gets alone, with one item per step and with two (a vmapped
-    pair plus the remainder). Same rules on the same forward, so only float32 reassociation
+    ``item_chunk`` at a time; gradient rollout the whole batch at once): a batch of 3 clips
+    of different lengths and texts gives each item the maps and targets it gets alone, with
+    one item per step and with two (a vmapped pair plus the remainder). Gradient rollout on
+    such a batch once gave NaN maps (``_decoder_to_encoder``'s product with zeros under XLA's
+    CPU backend). Same rules on the same forward, so only float32 reassociation
     differs (~1e-6 of a map's scale; the bound leaves 10x). Grad-CAM's num_frames are set
     long, as above, so that relu leaves a map on this random model."""
     waves = [synth.harmonic_sweep(2.0, 16000).astype(np.float32),

@@ -184,8 +184,8 @@ def attribute_transcript(
     ``T`` = 1500 encoder frames: 216 MB on tiny.en), so they run ``item_chunk`` items at a
     time (default 1; vmapped, the rest scanned) and their peak does not grow with B beyond
     the output (``relevance``, ``B·n·n_mels·frames·4`` bytes): about ``item_chunk·M`` plus
-    the model. ``gradient_rollout`` still holds the whole batch's maps and ``chunk``
-    tokens' gradients of them, ``≈ B·(2 + chunk)·M``: give it few items per call.
+    the model; ``gradient_rollout`` holds an item's maps and ``chunk`` tokens' gradients of
+    them, ``≈ item_chunk·(2 + chunk)·M``.
     """
     for name, value in (("chunk", chunk), ("item_chunk", item_chunk)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -475,19 +475,11 @@ def _encoder_frame_maps(m, method, args, x, num_frames, n_text, layer, chunk, it
     names = _rollout_names(config, paths)
     if method == "rollout":
         return _rollout(config, params, *items, logit, names, item_chunk)
-    # gradient rollout still runs the whole batch at once: run item by item it gave NaN
-    # maps on a small random model (not yet understood; see the commit message)
-    paths = methods.layer_paths(config, x, {"tokens": seq})
     flat = tuple(name for group in names for name in group)
-    maps, scores = _gradient_rollout(
-        config, params, seq, target_tok, alt, logit, x,
+    return _gradient_rollout(
+        config, params, *items, logit,
         [jnp.zeros(paths[k][1].shape, paths[k][1].dtype) for k in flat], names,
-        tuple(paths[k][0] for k in flat), chunk, remat)
-    if bool(jnp.isnan(maps).any()):  # seen on a batch of clips of different lengths
-        raise ValueError(
-            "gradient_rollout gave NaN maps for this batch (a known, not yet understood "
-            "failure on batches of clips of different lengths); explain the clips one at a time")
-    return maps, scores
+        tuple(paths[k][0] for k in flat), chunk, item_chunk, remat)
 
 
 def _spec(spec) -> tuple[tuple[int, ...], str]:
@@ -569,12 +561,18 @@ def _decoder_to_encoder(selfs, crosses, normalise: bool) -> jnp.ndarray:
     """``C [B, S, T]`` with ``R_de = C R̄_ee``: from ``C = 0``, per decoder layer
     ``C += Ā_self C`` then ``C += Ā_cross`` (``selfs [B, S, S]``, ``crosses [B, S, T]``);
     ``normalise`` rescales the rows after every update (``rollout``: there ``R̄_ee``'s rows
-    sum to 1, so ``R_de``'s rows then do too)."""
-    c = jnp.zeros_like(crosses[0])
+    sum to 1, so ``R_de``'s rows then do too).
+
+    The first layer's ``Ā_self C`` is skipped, not computed: ``C`` is 0 there. Computed as a
+    product with a zeros array, it came out as garbage (NaN, 1e37) under ``jit`` of the
+    token-mapped gradient rollout on XLA's CPU backend (jax 0.10.2; the same values, every
+    one finite, eagerly and unrolled), and that was the NaN of batches of clips."""
+    c = None
     for a_self, a_cross in zip(selfs, crosses, strict=True):
-        c = c + jnp.einsum("bik,bkt->bit", a_self, c)
-        c = _rows_to_one(c) if normalise else c
-        c = c + a_cross
+        if c is not None:
+            c = c + jnp.einsum("bik,bkt->bit", a_self, c)
+            c = _rows_to_one(c) if normalise else c
+        c = a_cross if c is None else c + a_cross
         c = _rows_to_one(c) if normalise else c
     return c
 
@@ -629,40 +627,44 @@ def _times_residual_normalised(v: jnp.ndarray, cams) -> jnp.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "logit", "names", "paths", "chunk",
-                                             "remat"))
-def _gradient_rollout(config, params, seq, target_tok, alt, logit, x, zeros, names, paths,
-                      chunk=4, remat=False):
-    """Gradient rollout of every token: ``(maps [n, B, T], targets [B, n])``. Every map's
-    gradient comes from a zero ``perturbations`` entry on it (``zeros`` at ``paths``, in the
-    order of ``names``); each token's backward, its ``(∇A ⊙ A)⁺`` and its row of the rules
-    are mapped over the tokens, ``chunk`` at a time."""
+                                             "item_chunk", "remat"))
+def _gradient_rollout(config, params, seq, target_tok, alt, x, logit, zeros, names, paths,
+                      chunk=4, item_chunk=1, remat=False):
+    """Gradient rollout of every token: ``(maps [n, B, T], targets [B, n])``, item by item
+    (:func:`_over_items`). Every map's gradient comes from a zero ``perturbations`` entry on
+    it (``zeros`` at ``paths``, one item's shapes, in the order of ``names``); each token's
+    backward, its ``(∇A ⊙ A)⁺`` and its row of the rules are mapped over the tokens,
+    ``chunk`` at a time."""
     enc, dec_self, cross = names
     n = target_tok.shape[1]
     start = seq.shape[1] - n
     flat = enc + dec_self + cross
-
-    def targets(zs):
-        perturb: dict = {}
-        for path, z in zip(paths, zs, strict=True):
-            node = perturb
-            for key in path[:-1]:
-                node = node.setdefault(key, {})
-            node[path[-1]] = z
-        s, inter = _teacher_forced(config, params, seq, target_tok, alt, logit, x, perturb,
-                                   remat=remat, maps=True)
-        return s, [inter[k] for k in flat]
-
-    scores, backward, maps = jax.vjp(targets, zeros, has_aux=True)
     e, d = len(enc), len(dec_self)
 
-    def one_token(j):
-        (grads,) = backward(_one_hot_rows(scores, j))
-        cams = [jax.nn.relu(g * a).mean(axis=1) for g, a in zip(grads, maps, strict=True)]
-        c = _decoder_to_encoder(cams[e:e + d], cams[e + d:], normalise=False)
-        row = jax.lax.dynamic_slice_in_dim(c, start - 1 + j, 1, axis=1)  # [B, 1, T]
-        return _times_residual_normalised(row, cams[:e])[:, 0]
+    def one_item(seq, target_tok, alt, x):
+        def targets(zs):
+            perturb: dict = {}
+            for path, z in zip(paths, zs, strict=True):
+                node = perturb
+                for key in path[:-1]:
+                    node = node.setdefault(key, {})
+                node[path[-1]] = z
+            s, inter = _teacher_forced(config, params, seq, target_tok, alt, logit, x, perturb,
+                                       remat=remat, maps=True)
+            return s, [inter[k] for k in flat]
 
-    return jax.lax.map(one_token, jnp.arange(n), batch_size=min(chunk, n)), scores
+        scores, backward, maps = jax.vjp(targets, zeros, has_aux=True)
+
+        def one_token(j):
+            (grads,) = backward(_one_hot_rows(scores, j))
+            cams = [jax.nn.relu(g * a).mean(axis=1) for g, a in zip(grads, maps, strict=True)]
+            c = _decoder_to_encoder(cams[e:e + d], cams[e + d:], normalise=False)
+            row = jax.lax.dynamic_slice_in_dim(c, start - 1 + j, 1, axis=1)  # [1, 1, T]
+            return _times_residual_normalised(row, cams[:e])[:, 0]
+
+        return jax.lax.map(one_token, jnp.arange(n), batch_size=min(chunk, n)), scores
+
+    return _over_items(one_item, (seq, target_tok, alt, x), item_chunk)
 
 
 def _alignment_rows(m, x, seq, n_text, n: int, enc_frames) -> jnp.ndarray:
