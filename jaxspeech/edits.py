@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspeech import layers
+from jaxspeech.convert.common import unflatten
 
 __all__ = ["Edit", "Bound", "zero", "identity", "mean", "scale", "replace", "add", "keep_frames",
            "project_out", "ablate_heads", "patch", "compose", "as_edit", "bind", "site_table",
@@ -497,14 +498,7 @@ def _flat_names(tree) -> frozenset[str]:
 
 
 def _nest(entries: Mapping[str, Any], paths: Mapping[str, tuple[str, ...]]) -> dict:
-    tree: dict = {}
-    for name, entry in entries.items():
-        node = tree
-        *parents, leaf = paths[name]
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = entry
-    return tree
+    return unflatten({paths[name]: entry for name, entry in entries.items()})
 
 
 def unknown_site_message(names, table: SiteTable, kwargs=None) -> str:

@@ -392,10 +392,9 @@ def fused_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, rules: RuleS
         implementation = "xla"
     if mask is not None:
         mask = jnp.asarray(mask, bool)
-    if bias is None:
-        return _fused_attention(implementation, _attention_shares(rules), q, k, v, mask)
-    return _fused_attention_biased(implementation, _attention_shares(rules), q, k, v, mask,
-                                   jnp.asarray(bias, q.dtype))
+    if bias is not None:
+        bias = jnp.asarray(bias, q.dtype)
+    return _fused_attention(implementation, _attention_shares(rules), q, k, v, mask, bias)
 
 
 FUSED_IMPLEMENTATIONS = ("xla", "cudnn", "splash")
@@ -411,54 +410,46 @@ def _platform_attention(implementation, q, k, v, mask, bias=None):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fused_attention(implementation, shares, q, k, v, mask):
-    return _platform_attention(implementation, q, k, v, mask)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fused_attention_biased(implementation, shares, q, k, v, mask, bias):
+def _fused_attention(implementation, shares, q, k, v, mask, bias):
     return _platform_attention(implementation, q, k, v, mask, bias)
 
 
-def _fused_attention_fwd(implementation, shares, q, k, v, mask, bias=None):
-    def call(*a):
-        return _platform_attention(implementation, *a[:3], mask, *a[3:])
+def _of_qkv_bias(implementation, mask):
+    """The platform's attention as a function of ``(q, k, v, bias)`` (bias None: none)."""
+    return lambda q, k, v, bias: _platform_attention(implementation, q, k, v, mask, bias)
 
-    operands = (q, k, v) if bias is None else (q, k, v, bias)
+
+def _fused_attention_fwd(implementation, shares, q, k, v, mask, bias):
     if implementation in ("cudnn", "splash"):
         # Flash kernels' residuals are O(T·D) (output and softmax statistics): keep them.
-        out, vjp = jax.vjp(call, *operands)
+        out, vjp = jax.vjp(_of_qkv_bias(implementation, mask), q, k, v, bias)
         return out, (vjp, None)
     # XLA's would be the [B, H, Tq, Tk] probabilities: recompute them in the backward
     # instead, as the tiled kernel does, so that memory stays O(T·D) per layer.
-    return call(*operands), (None, (operands, mask))
+    return _platform_attention(implementation, q, k, v, mask, bias), (None, (q, k, v, mask, bias))
 
 
 def _fused_attention_bwd(implementation, shares, res, g):
-    """Cotangents of ``(q, k, v, mask[, bias])``: the platform's, times the rules' shares
-    (q, k: ``qk_share``; v and the bias beside the scores: ``v_share``, 0 under CP-LRP)."""
+    """Cotangents of ``(q, k, v, mask, bias)``: the platform's, times the rules' shares (q, k:
+    ``qk_share``; v and the bias beside the scores: ``v_share``, 0 under CP-LRP)."""
     qk_share, v_share = shares
     vjp, inputs = res
     if vjp is None:
-        operands, mask = inputs
-        q, k, v = operands[:3]
-
-        def call(*a):
-            return _platform_attention(implementation, *a[:3], mask, *a[3:])
-
+        q, k, v, mask, bias = inputs
+        attend = _of_qkv_bias(implementation, mask)
         if qk_share == 0.0:  # constant probabilities: only v receives anything
-            _, vjp_v = jax.vjp(lambda v_: call(q, k, v_, *operands[3:]), v)
+            _, vjp_v = jax.vjp(lambda v_: attend(q, k, v_, bias), v)
             (dv,) = vjp_v(g)
-            zeros = [jnp.zeros_like(x) for x in operands[3:]]
-            return (jnp.zeros_like(q), jnp.zeros_like(k), v_share * dv, None, *zeros)
-        _, vjp = jax.vjp(call, *operands)
-    dq, dk, dv, *dbias = vjp(g)
+            return (jnp.zeros_like(q), jnp.zeros_like(k), v_share * dv, None,
+                    None if bias is None else jnp.zeros_like(bias))
+        _, vjp = jax.vjp(attend, q, k, v, bias)
+    dq, dk, dv, dbias = vjp(g)
     bias_share = v_share if qk_share else 0.0
-    return (qk_share * dq, qk_share * dk, v_share * dv, None, *(bias_share * d for d in dbias))
+    return (qk_share * dq, qk_share * dk, v_share * dv, None,
+            None if dbias is None else bias_share * dbias)
 
 
 _fused_attention.defvjp(_fused_attention_fwd, _fused_attention_bwd)
-_fused_attention_biased.defvjp(_fused_attention_fwd, _fused_attention_bwd)
 
 
 def gate(x: jnp.ndarray, g: jnp.ndarray, rules: RuleSet | None = None) -> jnp.ndarray:

@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxspeech import lrp
 from jaxspeech.attribution.targets import Target, unknown_layer_message
+from jaxspeech.convert.common import unflatten
 from jaxspeech.layers import KEEP_ATTENTION_MAPS
 from jaxspeech.model import _module, family_of, flatten_intermediates, intermediate_paths, param_shapes
 
@@ -343,12 +344,7 @@ def rollout(config, params, x, kwargs, target, remat=False, edits=None):
 @functools.partial(jax.jit, static_argnames=("config", "names", "paths", "remat"))
 def _gradient_rollout(config, params, x, kwargs, target, names, paths, zeros, remat=False,
                       edits=None):
-    perturb: dict = {}
-    for path, z in zip(paths, zeros, strict=True):
-        node = perturb
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = z
+    perturb = unflatten(dict(zip(paths, zeros, strict=True)))
 
     def f(p):
         s, _, inter = score(config, params, x, kwargs, target, remat=remat, perturb=p, maps=True,

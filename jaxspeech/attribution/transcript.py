@@ -62,6 +62,7 @@ import numpy as np
 from jaxspeech import lrp
 from jaxspeech.attribution import methods
 from jaxspeech.attribution.targets import unknown_layer_message
+from jaxspeech.convert.common import unflatten
 from jaxspeech.frontends import whisper as frontend
 from jaxspeech.layers import KEEP_ATTENTION_MAPS
 from jaxspeech.model import _module, flatten_intermediates
@@ -643,12 +644,7 @@ def _gradient_rollout(config, params, seq, target_tok, alt, x, logit, zeros, nam
 
     def one_item(seq, target_tok, alt, x):
         def targets(zs):
-            perturb: dict = {}
-            for path, z in zip(paths, zs, strict=True):
-                node = perturb
-                for key in path[:-1]:
-                    node = node.setdefault(key, {})
-                node[path[-1]] = z
+            perturb = unflatten(dict(zip(paths, zs, strict=True)))
             s, inter = _teacher_forced(config, params, seq, target_tok, alt, logit, x, perturb,
                                        remat=remat, maps=True)
             return s, [inter[k] for k in flat]
